@@ -1,0 +1,25 @@
+"""Typed errors. Every message names the value, what was expected and the fix."""
+
+
+class CascadeError(ValueError):
+    """Base class of every error the pack raises on bad input."""
+
+
+class CheckpointError(CascadeError):
+    """A weights file cannot be read, or its contents are not what the caller asked for."""
+
+
+class UnknownLayoutError(CheckpointError):
+    """A state dict matches none of the known key layouts."""
+
+
+class StageMismatchError(CascadeError):
+    """A tensor or model of one stage was given where another stage is expected."""
+
+
+class ShapeError(CascadeError):
+    """A tensor has a shape the receiving network cannot use."""
+
+
+class SamplingInterrupted(RuntimeError):
+    """The user stopped sampling; models are left loaded and unpatched, nothing half-done."""
