@@ -1,0 +1,432 @@
+"""Building blocks shared by Stage C and Stage B (SPEC §3), and the U-Net they both run.
+
+Activations travel in ``torch.channels_last`` memory format: ``x.permute(0, 2, 3, 1)`` is then a free,
+contiguous (B, H, W, C) view, so LayerNorm, the channel MLP and GRN run on contiguous memory without
+the copies that a plain NCHW layout costs at every block. The modules keep the original release's
+attribute names, so their state-dict keys are the original keys.
+
+Blocks write into tensors they created; ``TimestepBlock`` and ``AttnBlock`` also update their input in
+place when the caller says it owns it (``inplace=True``, which the U-Net passes because every block
+output is a fresh tensor that nothing else holds).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType, SimpleNamespace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-6
+GRN_EPS = 1e-6
+CHANNELS_LAST = torch.channels_last
+
+
+def resolve_ops(operations: ModuleType | SimpleNamespace | None) -> Any:
+    """The namespace layers are built from; ``torch.nn`` unless a host passes its own."""
+    return nn if operations is None else operations
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C) view; contiguous when ``x`` is channels_last."""
+    return x.permute(0, 2, 3, 1)
+
+
+def nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W) view; a contiguous input gives a channels_last result."""
+    return x.permute(0, 3, 1, 2)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def layer_norm_2d(x: torch.Tensor) -> torch.Tensor:
+    """Channel LayerNorm (no affine, eps 1e-6) of a (B, C, H, W) tensor; the result is channels_last."""
+    h = nhwc(x)
+    return nchw(F.layer_norm(h, (h.shape[-1],), eps=LN_EPS))
+
+
+def resize_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=True) to ``size``, in ``x``'s own dtype, kept channels_last.
+
+    The original casts to float32 here (it ran under autocast); CPU and CUDA interpolate bf16/fp16
+    directly, so no cast is needed and the result stays in the activation dtype.
+    """
+    out = F.interpolate(to_channels_last(x), size=tuple(size), mode="bilinear", align_corners=True)
+    return to_channels_last(out)
+
+
+def timestep_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the noise level ``r`` (B,) -> (B, c_r), sin half first (SPEC §3).
+
+    Computed in float32 like the original (its frequency table is float32); the network casts the
+    result toward its activation dtype.
+    """
+    r = r.to(torch.float32) * max_positions
+    half = c_r // 2
+    freqs = torch.exp(torch.arange(half, device=r.device, dtype=torch.float32) * (-math.log(max_positions) / (half - 1)))
+    emb = r[:, None] * freqs[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+    if c_r % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class LayerNorm2d(nn.Module):
+    """Channel LayerNorm without parameters (every LayerNorm2d in C and B is affine-free)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_2d(x)
+
+
+class Workspace:
+    """Scratch buffers reused by consecutive blocks of one forward pass, one buffer per tag.
+
+    On CPU every fresh tensor above glibc's mmap threshold (32 MB at most) is mapped and page-faulted
+    anew, which costs as much as the matmul that fills it; reusing the MLP's 4c-wide buffer avoids that.
+    A tag keeps only its latest shape, so at most one buffer per tag is alive.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, tag: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(tag)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            self._buffers.pop(tag, None)
+            buf = self._buffers[tag] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
+def _is_plain_linear(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when ``module`` computes exactly ``F.linear`` with weights usable as they are.
+
+    Host operations (ComfyUI's cast/offload layers) override ``forward``; they are always called as modules.
+    """
+    return (
+        type(module).forward is nn.Linear.forward
+        and module.weight.dtype == x.dtype
+        and module.weight.device == x.device
+    )
+
+
+def linear_into(module: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``module(x)`` for 2-D ``x``, written into ``out`` when the module is a plain Linear."""
+    if out is None or not _is_plain_linear(module, x):
+        return module(x)
+    if module.bias is None:
+        return torch.mm(x, module.weight.t(), out=out)
+    return torch.addmm(module.bias, x, module.weight.t(), out=out)
+
+
+def gelu_sum_of_squares_(x: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """GELU ``x`` (B, N, C) in place and return the per-(B, C) sum over tokens of the result squared.
+
+    Works in ~4 MB slices so the squares are summed while the slice is still in cache: a strided
+    reduction over the token axis (``vector_norm(dim=1)``) runs at a few GB/s on CPU, and
+    ``(x * x).sum(1)`` needs a full-size temporary.
+    """
+    bsz, n, c = x.shape
+    rows = max(1, chunk_elems // c)
+    acc = x.new_zeros(bsz, c)
+    for b in range(bsz):
+        for s in range(0, n, rows):
+            part = torch.ops.aten.gelu_(x[b, s : s + rows])
+            acc[b] += (part * part).sum(0)
+    return acc
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on channels-last input: ``x + gamma * (x * N) + beta``, N = ||x||_HW / mean_C."""
+
+    def __init__(self, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.empty(1, 1, 1, dim, dtype=dtype, device=device))
+        self.beta = nn.Parameter(torch.empty(1, 1, 1, dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, sum_sq: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+        """x (B, H, W, C); ``sum_sq`` (B, C), the sum of x**2 over H, W, when the caller already has it."""
+        bsz, c = x.shape[0], x.shape[-1]
+        if sum_sq is None:
+            norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        else:
+            norm = sum_sq.sqrt().view(bsz, 1, 1, c)
+        scale = norm / (norm.mean(dim=-1, keepdim=True) + GRN_EPS)
+        # gamma*(x*N) + beta + x == x*(1 + gamma*N) + beta: the per-(B, C) factor is tiny, so the
+        # full-size tensor is touched once instead of four times.
+        scale = torch.addcmul(torch.ones_like(scale), self.gamma.to(x.dtype), scale)
+        beta = self.beta.to(x.dtype)
+        if inplace:
+            return torch.addcmul(beta, x, scale, out=x)
+        return torch.addcmul(beta, x, scale)
+
+
+class ResBlock(nn.Module):
+    """Depthwise conv -> LN -> [cat skip] -> Linear(4c) -> GELU -> GRN -> Linear(c), plus the input.
+
+    Parameters:
+        c (`int`): channels.
+        c_skip (`int`): channels of the skip tensor concatenated before the MLP (0: none).
+        kernel_size (`int`): depthwise kernel.
+        dropout (`float`): kept for the key layout (``channelwise.3``); inactive at inference.
+    """
+
+    def __init__(
+        self,
+        c: int,
+        c_skip: int = 0,
+        kernel_size: int = 3,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        operations: Any = None,
+    ) -> None:
+        super().__init__()
+        ops = resolve_ops(operations)
+        self.depthwise = ops.Conv2d(
+            c, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c, dtype=dtype, device=device
+        )
+        self.channelwise = nn.Sequential(
+            ops.Linear(c + c_skip, c * 4, dtype=dtype, device=device),
+            nn.GELU(),
+            GlobalResponseNorm(c * 4, dtype=dtype, device=device),
+            nn.Dropout(dropout),
+            ops.Linear(c * 4, c, dtype=dtype, device=device),
+        )
+
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None, ws: Workspace | None = None) -> torch.Tensor:
+        x = to_channels_last(x)
+        bsz, c, height, width = x.shape
+        n = bsz * height * width
+        h = nhwc(self.depthwise(x))
+        h = F.layer_norm(h, (c,), eps=LN_EPS)
+        if x_skip is not None:
+            skip = nhwc(to_channels_last(x_skip))
+            cat_out = ws.get("cat", (bsz, height, width, c + skip.shape[-1]), h) if ws is not None else None
+            h = torch.cat([h, skip], dim=-1, out=cat_out) if cat_out is not None else torch.cat([h, skip], dim=-1)
+        lin1, _, grn, drop, lin2 = self.channelwise
+        if self.training:
+            h = grn(F.gelu(lin1(h)))
+            return nchw(lin2(drop(h)) + nhwc(x))
+        hidden = ws.get("hidden", (n, lin1.out_features), h) if ws is not None else None
+        h = linear_into(lin1, h.reshape(n, -1), hidden)
+        # GELU and GRN in place: the 4c-wide tensor is the largest activation of the network.
+        h = h.view(bsz, height * width, -1)
+        sum_sq = gelu_sum_of_squares_(h)
+        h = grn(h.view(bsz, height, width, -1), sum_sq, inplace=True)
+        out = lin2(h.view(n, -1)).view(bsz, height, width, c)
+        del h
+        return nchw(out.add_(nhwc(x)))
+
+
+class TimestepBlock(nn.Module):
+    """``x * (1 + a) + b`` with (a, b) summed over ``mapper`` and one ``mapper_<cond>`` per extra condition."""
+
+    def __init__(
+        self,
+        c: int,
+        c_r: int,
+        conds: Sequence[str] = (),
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        operations: Any = None,
+    ) -> None:
+        super().__init__()
+        ops = resolve_ops(operations)
+        self.conds = tuple(conds)
+        self.mapper = ops.Linear(c_r, c * 2, dtype=dtype, device=device)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", ops.Linear(c_r, c * 2, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        chunks = t.chunk(len(self.conds) + 1, dim=1)
+        ab = self.mapper(chunks[0])
+        for name, chunk in zip(self.conds, chunks[1:]):
+            ab = ab + getattr(self, f"mapper_{name}")(chunk)
+        a, b = ab[:, None, None, :].chunk(2, dim=-1)
+        h = nhwc(to_channels_last(x))
+        if inplace:
+            return nchw(h.mul_(a + 1).add_(b))
+        return nchw(torch.addcmul(b, h, a + 1))
+
+
+class PackedMultiheadAttention(nn.Module):
+    """Multi-head attention holding ``nn.MultiheadAttention``'s packed parameters (same keys).
+
+    ``in_proj_weight`` stacks q|k|v (3c, c). Queries are projected with the q rows and keys/values
+    with the k|v rows in one matmul; the product runs in ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(
+        self,
+        c: int,
+        nhead: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        operations: Any = None,
+    ) -> None:
+        super().__init__()
+        ops = resolve_ops(operations)
+        if nhead < 1 or c % nhead != 0:
+            raise ValueError(f"attention width {c} is not divisible into nhead={nhead} heads")
+        self.nhead = nhead
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * c, c, dtype=dtype, device=device))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * c, dtype=dtype, device=device))
+        self.out_proj = ops.Linear(c, c, dtype=dtype, device=device)
+
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        """q_in (B, L, c), kv_in (B, S, c) -> (B, L, c)."""
+        c = q_in.shape[-1]
+        # Toward the activation's dtype/device only (hosts may keep weights elsewhere or in bf16).
+        w = self.in_proj_weight.to(device=q_in.device, dtype=q_in.dtype)
+        b = self.in_proj_bias.to(device=q_in.device, dtype=q_in.dtype)
+        q = F.linear(q_in, w[:c], b[:c])
+        kv = F.linear(kv_in, w[c:], b[c:])
+        bsz, n_q, n_kv, d = q_in.shape[0], q_in.shape[1], kv_in.shape[1], c // self.nhead
+        q = q.view(bsz, n_q, self.nhead, d).transpose(1, 2)
+        kv = kv.view(bsz, n_kv, 2, self.nhead, d)
+        k = kv[:, :, 0].transpose(1, 2)
+        v = kv[:, :, 1].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        del q, k, v, kv
+        o = o.transpose(1, 2).reshape(bsz, n_q, c)
+        return self.out_proj(o)
+
+
+class _AttentionHolder(nn.Module):
+    """Gives the attention parameters the original key path ``attention.attn.*``."""
+
+    def __init__(self, attn: PackedMultiheadAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+
+class AttnBlock(nn.Module):
+    """Pre-norm attention from the image tokens to (image tokens ++ conditioning tokens), plus the input.
+
+    Parameters:
+        c (`int`): channels of the image tokens.
+        c_cond (`int`): width of the conditioning tokens (mapped to ``c`` by ``kv_mapper``).
+        nhead (`int`): heads (64 channels each in every released model).
+        self_attn (`bool`): prepend the normed image tokens to the keys/values.
+    """
+
+    def __init__(
+        self,
+        c: int,
+        c_cond: int,
+        nhead: int,
+        self_attn: bool = True,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        operations: Any = None,
+    ) -> None:
+        super().__init__()
+        ops = resolve_ops(operations)
+        self.self_attn = self_attn
+        self.attention = _AttentionHolder(PackedMultiheadAttention(c, nhead, dtype, device, operations))
+        self.kv_mapper = nn.Sequential(nn.SiLU(), ops.Linear(c_cond, c, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        x = to_channels_last(x)
+        bsz, c, height, width = x.shape
+        kv = self.kv_mapper(kv)
+        h = nhwc(x)
+        q_in = F.layer_norm(h, (c,), eps=LN_EPS).view(bsz, height * width, c)
+        if self.self_attn:
+            kv = torch.cat([q_in, kv], dim=1)
+        o = self.attention.attn(q_in, kv).view(bsz, height, width, c)
+        del q_in, kv
+        out = h.add_(o) if inplace else o.add_(h)
+        return nchw(out)
+
+
+class UNetCore(nn.Module):
+    """Down/up wiring shared by Stage C and Stage B (SPEC §3 "U-Net wiring").
+
+    Subclasses build ``down_blocks``, ``down_downscalers``, ``down_repeat_mappers``, ``up_blocks``,
+    ``up_upscalers`` and ``up_repeat_mappers`` with :meth:`_build_levels`, then call :meth:`_run_unet`.
+    """
+
+    def _build_levels(self, cfg: Any, make_downscaler: Any, make_upscaler: Any, dtype: Any, device: Any, ops: Any):
+        hidden, levels = cfg.c_hidden, len(cfg.c_hidden)
+        dropout = cfg.dropout if isinstance(cfg.dropout, (tuple, list)) else (cfg.dropout,) * levels
+
+        def block(letter: str, i: int, c_skip: int = 0) -> nn.Module:
+            c = hidden[i]
+            if letter == "C":
+                return ResBlock(c, c_skip, cfg.kernel_size, dropout[i], dtype, device, ops)
+            if letter == "T":
+                return TimestepBlock(c, cfg.c_r, cfg.t_conds, dtype, device, ops)
+            if letter == "A":
+                return AttnBlock(c, cfg.c_cond, cfg.nhead[i], cfg.self_attn, dropout[i], dtype, device, ops)
+            raise ValueError(f"level_config letter {letter!r} is not supported (expected C, T or A)")
+
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in range(levels):
+            self.down_downscalers.append(make_downscaler(i) if i > 0 else nn.Identity())
+            self.down_blocks.append(
+                nn.ModuleList([block(letter, i) for _ in range(cfg.blocks[0][i]) for letter in cfg.level_config[i]])
+            )
+            self.down_repeat_mappers.append(self._repeat_mappers(hidden[i], cfg.block_repeat[0][i], dtype, device, ops))
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for u, i in enumerate(reversed(range(levels))):
+            self.up_upscalers.append(make_upscaler(i) if i > 0 else nn.Identity())
+            mods = []
+            for j in range(cfg.blocks[1][u]):
+                for k, letter in enumerate(cfg.level_config[i]):
+                    c_skip = hidden[i] if i < levels - 1 and j == 0 and k == 0 else 0
+                    mods.append(block(letter, i, c_skip))
+            self.up_blocks.append(nn.ModuleList(mods))
+            self.up_repeat_mappers.append(self._repeat_mappers(hidden[i], cfg.block_repeat[1][u], dtype, device, ops))
+
+    @staticmethod
+    def _repeat_mappers(c: int, repeat: int, dtype: Any, device: Any, ops: Any) -> nn.ModuleList:
+        return nn.ModuleList([ops.Conv2d(c, c, kernel_size=1, dtype=dtype, device=device) for _ in range(repeat - 1)])
+
+    def _run_level(self, blocks: nn.ModuleList, x: torch.Tensor, r_embed, clip, cnet, ws, skip=None) -> torch.Tensor:
+        for k, blk in enumerate(blocks):
+            if isinstance(blk, ResBlock):
+                block_skip = skip if k == 0 else None
+                if block_skip is not None and x.shape[-2:] != block_skip.shape[-2:]:
+                    x = resize_like(x, block_skip.shape[-2:])
+                if cnet is not None:
+                    extra = next(cnet, None)
+                    if extra is not None:
+                        x = x + resize_like(extra.to(x.dtype), x.shape[-2:])
+                x = blk(x, block_skip, ws)
+            elif isinstance(blk, TimestepBlock):
+                x = blk(x, r_embed, inplace=True)
+            elif isinstance(blk, AttnBlock):
+                x = blk(x, clip, inplace=True)
+            else:
+                x = blk(x)
+        return x
+
+    def _run_unet(self, x: torch.Tensor, r_embed: torch.Tensor, clip: torch.Tensor, cnet=None) -> torch.Tensor:
+        cnet = iter(cnet) if cnet is not None else None
+        ws = Workspace()
+        level_outputs = []
+        for blocks, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+            x = downscaler(x)
+            for n in range(len(repmap) + 1):
+                x = self._run_level(blocks, x, r_embed, clip, cnet, ws)
+                if n < len(repmap):
+                    x = to_channels_last(repmap[n](x))
+            level_outputs.insert(0, x)
+        x = level_outputs[0]
+        for u, (blocks, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
+            skip = level_outputs[u] if u > 0 else None
+            for n in range(len(repmap) + 1):
+                x = self._run_level(blocks, x, r_embed, clip, cnet, ws, skip)
+                if n < len(repmap):
+                    x = to_channels_last(repmap[n](x))
+            level_outputs[u] = None  # free the stored level output once its level is done
+            del skip
+            x = upscaler(x)
+        return x
