@@ -148,21 +148,23 @@ class GlobalResponseNorm(nn.Module):
         self.gamma = nn.Parameter(torch.empty(1, 1, 1, dim, dtype=dtype, device=device))
         self.beta = nn.Parameter(torch.empty(1, 1, 1, dim, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, sum_sq: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
-        """x (B, H, W, C); ``sum_sq`` (B, C), the sum of x**2 over H, W, when the caller already has it."""
-        bsz, c = x.shape[0], x.shape[-1]
-        if sum_sq is None:
-            norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-        else:
-            norm = sum_sq.sqrt().view(bsz, 1, 1, c)
+    def factors(self, sum_sq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale (B, C), beta (C,)) with GRN(x) = x * scale + beta, from the per-(B, C) sum of x**2 over H, W.
+
+        gamma*(x*N) + beta + x == x*(1 + gamma*N) + beta, so the full-size tensor is touched once (or,
+        folded into the next Linear's weights, not at all).
+        """
+        norm = sum_sq.sqrt()
         scale = norm / (norm.mean(dim=-1, keepdim=True) + GRN_EPS)
-        # gamma*(x*N) + beta + x == x*(1 + gamma*N) + beta: the per-(B, C) factor is tiny, so the
-        # full-size tensor is touched once instead of four times.
-        scale = torch.addcmul(torch.ones_like(scale), self.gamma.to(x.dtype), scale)
-        beta = self.beta.to(x.dtype)
-        if inplace:
-            return torch.addcmul(beta, x, scale, out=x)
-        return torch.addcmul(beta, x, scale)
+        scale = torch.addcmul(torch.ones_like(scale), self.gamma.to(dtype).view(1, -1), scale)
+        return scale, self.beta.to(dtype).view(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, C) -> GRN(x)."""
+        bsz, c = x.shape[0], x.shape[-1]
+        sum_sq = torch.linalg.vector_norm(x, ord=2, dim=(1, 2)).square()
+        scale, beta = self.factors(sum_sq, x.dtype)
+        return torch.addcmul(beta, x, scale.view(bsz, 1, 1, c))
 
 
 class ResBlock(nn.Module):
@@ -198,29 +200,47 @@ class ResBlock(nn.Module):
             ops.Linear(c * 4, c, dtype=dtype, device=device),
         )
 
-    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None, ws: Workspace | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None, ws: Workspace | None = None,
+                inplace: bool = False) -> torch.Tensor:
+        """x (B, c, H, W), x_skip (B, c_skip, H, W) or None. ``inplace``: the result may overwrite ``x``."""
+        lin1, _, grn, drop, lin2 = self.channelwise
+        if self.training:
+            h = nhwc(self.depthwise(x))
+            h = F.layer_norm(h, (h.shape[-1],), eps=LN_EPS)
+            if x_skip is not None:
+                h = torch.cat([h, nhwc(x_skip)], dim=-1)
+            return nchw(lin2(drop(grn(F.gelu(lin1(h))))) + nhwc(x))
         x = to_channels_last(x)
         bsz, c, height, width = x.shape
-        n = bsz * height * width
+        tokens = height * width
         h = nhwc(self.depthwise(x))
         h = F.layer_norm(h, (c,), eps=LN_EPS)
         if x_skip is not None:
             skip = nhwc(to_channels_last(x_skip))
             cat_out = ws.get("cat", (bsz, height, width, c + skip.shape[-1]), h) if ws is not None else None
             h = torch.cat([h, skip], dim=-1, out=cat_out) if cat_out is not None else torch.cat([h, skip], dim=-1)
-        lin1, _, grn, drop, lin2 = self.channelwise
-        if self.training:
-            h = grn(F.gelu(lin1(h)))
-            return nchw(lin2(drop(h)) + nhwc(x))
-        hidden = ws.get("hidden", (n, lin1.out_features), h) if ws is not None else None
-        h = linear_into(lin1, h.reshape(n, -1), hidden)
-        # GELU and GRN in place: the 4c-wide tensor is the largest activation of the network.
-        h = h.view(bsz, height * width, -1)
-        sum_sq = gelu_sum_of_squares_(h)
-        h = grn(h.view(bsz, height, width, -1), sum_sq, inplace=True)
-        out = lin2(h.view(n, -1)).view(bsz, height, width, c)
-        del h
-        return nchw(out.add_(nhwc(x)))
+        hidden = ws.get("hidden", (bsz * tokens, lin1.out_features), h) if ws is not None else None
+        h = linear_into(lin1, h.reshape(bsz * tokens, -1), hidden).view(bsz, tokens, -1)
+        # GELU in place; the 4c-wide tensor is the largest activation of the network.
+        scale, beta = grn.factors(gelu_sum_of_squares_(h), h.dtype)
+        out = x if inplace else x.clone(memory_format=CHANNELS_LAST)
+        res = nhwc(out).view(bsz, tokens, c)
+        if _is_plain_linear(lin2, h) and tokens >= c:
+            # Many tokens per channel: scale lin2's input columns (c x 4c per sample) instead of the
+            # activation (tokens x 4c), and accumulate straight into the residual.
+            w = lin2.weight.unsqueeze(0) * scale.unsqueeze(1)
+            res.baddbmm_(h, w.transpose(1, 2))
+            bias = torch.addmv(lin2.bias, lin2.weight, beta) if lin2.bias is not None else lin2.weight @ beta
+            res.add_(bias)
+        elif _is_plain_linear(lin2, h):
+            torch.addcmul(beta, h, scale.unsqueeze(1), out=h)
+            res.view(-1, c).addmm_(h.view(-1, h.shape[-1]), lin2.weight.t())
+            if lin2.bias is not None:
+                res.add_(lin2.bias)
+        else:
+            torch.addcmul(beta, h, scale.unsqueeze(1), out=h)
+            res.add_(lin2(h))
+        return out
 
 
 class TimestepBlock(nn.Module):
@@ -250,7 +270,7 @@ class TimestepBlock(nn.Module):
         a, b = ab[:, None, None, :].chunk(2, dim=-1)
         h = nhwc(to_channels_last(x))
         if inplace:
-            return nchw(h.mul_(a + 1).add_(b))
+            return nchw(torch.addcmul(b, h, a + 1, out=h))
         return nchw(torch.addcmul(b, h, a + 1))
 
 
@@ -399,7 +419,7 @@ class UNetCore(nn.Module):
                     extra = next(cnet, None)
                     if extra is not None:
                         x = x + resize_like(extra.to(x.dtype), x.shape[-2:])
-                x = blk(x, block_skip, ws)
+                x = blk(x, block_skip, ws, inplace=True)
             elif isinstance(blk, TimestepBlock):
                 x = blk(x, r_embed, inplace=True)
             elif isinstance(blk, AttnBlock):

@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 
 SCALE_FACTOR = 0.43
 LN_EPS = 1e-6
-# Working-set targets of the chunked paths, in elements: a band of the depthwise path and a chunk
-# of the MLP's 4c-wide activation stay near 1-2 MB, inside L2/L3 and below glibc's mmap threshold.
+# Working-set targets of the chunked paths, in elements. A depthwise band of ~1 MB stays in cache.
+# MLP chunks need >= ~1024 rows for full-speed GEMMs on CPU (a few hundred rows run at half speed);
+# 4M elements (16 MB fp32) of 4c-wide activation is ~2700 rows at c=384 and cuts the peak 50x.
 _BAND_ELEMS = 1 << 18
-_MLP_HIDDEN_ELEMS = 1 << 19
+_MLP_HIDDEN_ELEMS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class StageAResBlock(nn.Module):
         w2t = (lin2.weight * g[5]).t()
         b2 = lin2.bias * g[5] if lin2.bias is not None else None
         flat = nhwc(x).reshape(-1, c)  # a view: x is channels_last contiguous
-        rows = max(64, _MLP_HIDDEN_ELEMS // lin1.out_features)
+        rows = max(1024, _MLP_HIDDEN_ELEMS // lin1.out_features // 256 * 256)
         for s in range(0, flat.shape[0], rows):
             part = flat[s : s + rows]
             t = F.layer_norm(part, (c,), ln_w, ln_b, LN_EPS)
@@ -219,12 +220,21 @@ class StageAResBlock(nn.Module):
             part.add_(out)
 
 
+class _Codebook(nn.Module):
+    """Holds ``weight`` like ``nn.Embedding`` (same key) without its random init, which on the meta
+    device goes through torch's slow Python reference ops."""
+
+    def __init__(self, n: int, c: int, dtype=None, device=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, c, dtype=dtype, device=device))
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-codebook (L2) quantiser; holds the key ``codebook.weight`` (codebook_size x c_latent)."""
 
     def __init__(self, c_latent: int, codebook_size: int, dtype=None, device=None) -> None:
         super().__init__()
-        self.codebook = nn.Embedding(codebook_size, c_latent, dtype=dtype, device=device)
+        self.codebook = _Codebook(codebook_size, c_latent, dtype, device)
 
     def forward(self, z: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """z (B, c, h, w) -> (codebook entries (B, c, h, w), indices (B, h, w)).

@@ -42,11 +42,11 @@ def require(value: Any, socket: str, node: str, what: str, fix: str) -> Any:
     """The model connected to socket, or a CascadeError naming where it should have come from."""
     if isinstance(value, Absent):
         raise CascadeError(
-            f"{node}: input {socket!r} expects {what}, but {value.source!r} holds no {what} (it holds {value.holds})"
-            f" - {fix}"
+            f"{node}: input {socket!r} needs {what}, but {value.source!r} does not contain one (it holds "
+            f"{value.holds}) - {fix}"
         )
     if value is None:
-        raise CascadeError(f"{node}: input {socket!r} expects {what} and got nothing - {fix}")
+        raise CascadeError(f"{node}: input {socket!r} needs {what} and got nothing - {fix}")
     return value
 
 

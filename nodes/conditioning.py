@@ -7,6 +7,7 @@ pack's samplers accept core's. How the samplers read a list of several entries i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,7 +15,27 @@ import torch
 from .. import host
 from .common import category, mappings, require
 
+log = logging.getLogger(__name__)
+
 CATEGORY = category("conditioning")
+
+
+def merge_entries(conditioning: Any) -> Any:
+    """A CONDITIONING with several entries (core's ConditioningCombine) as the one entry the samplers read:
+    token sequences concatenated in order, as core's ConditioningConcat does, and pooled_output averaged
+    (Stage B reads only that). Other keys come from the first entry. One entry passes through unchanged."""
+    if not isinstance(conditioning, list) or len(conditioning) < 2:
+        return conditioning
+    conds = [entry[0] for entry in conditioning]
+    batch = max(c.shape[0] for c in conds)
+    cond = torch.cat([c.expand(batch, -1, -1) if c.shape[0] == 1 else c for c in conds], dim=1)
+    extras = dict(conditioning[0][1])
+    pooled = [entry[1].get("pooled_output") for entry in conditioning]
+    if all(isinstance(p, torch.Tensor) for p in pooled):
+        extras["pooled_output"] = torch.stack([p.expand(batch, -1) if p.shape[0] == 1 else p for p in pooled]).mean(0)
+    log.info("ComfyUI-StableCascade: merged %d conditioning entries (tokens concatenated, pooled averaged)",
+             len(conditioning))
+    return [[cond, extras]]
 
 
 def encode_prompt(text_encoder: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Tiny random networks offered by the loaders when a model folder is empty, so a workflow runs end to end
 on a machine with no weights (tests, the headless command on a fresh checkout). Their output is noise.
 
-All six are sized to fit together (text width 64 feeds Stage C and Stage B); mixing one with a real model
+All of them are sized to fit together (text width 64 feeds Stage C and Stage B); mixing one with a real model
 fails with a shape error, which is intended. Weights are seeded, so two demo runs give the same image.
 """
 
@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from ..cascade.clip_vision import ClipVision, ClipVisionConfig
 from ..cascade.effnet import EffNetConfig, EfficientNetEncoder
 from ..cascade.previewer import Previewer, PreviewerConfig
 from ..cascade.stage_a import StageA, StageAConfig
@@ -32,7 +33,10 @@ WHERE = {
     "stage_a": ("Stage A", "stage_a.safetensors", "vae"),
     "effnet": ("EfficientNet encoder", "effnet_encoder.safetensors", "vae"),
     "previewer": ("Previewer", "previewer.safetensors", "vae"),
-    "text_encoder": ("CLIP ViT-bigG text encoder", "text_encoder/model.safetensors (diffusers repo)", "text_encoders"),
+    "text_encoder": ("CLIP ViT-bigG text encoder", "text_encoder/model.safetensors of stabilityai/stable-cascade",
+                     "text_encoders"),
+    "clip_vision": ("CLIP ViT-L/14 vision model", "image_encoder/model.safetensors of stabilityai/stable-cascade-prior",
+                    "clip_vision"),
 }
 
 
@@ -50,26 +54,31 @@ def _build(kind: str) -> nn.Module:
         return EfficientNetEncoder(EffNetConfig.tiny())
     if kind == "previewer":
         return Previewer(PreviewerConfig.tiny())
+    if kind == "clip_vision":
+        return ClipVision(ClipVisionConfig.tiny())
     raise KeyError(f"no demo network of kind {kind!r}; known: {sorted(WHERE)}")
 
 
 @torch.no_grad()
 def _randomize(module: nn.Module, seed: int) -> None:
-    """Weights scaled by fan-in so activations stay O(1), and small noise on 1-D parameters (zero-initialised
-    gates would otherwise make several networks output constants)."""
+    """Every parameter drawn from a seeded generator: matrices and kernels scaled by fan-in so activations stay
+    O(1); 1-D ones near 1 (norm scales, named "weight") or near 0 (biases, gates). Some constructors leave
+    parameters uninitialised, so nothing of the default init is kept."""
     gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         if p.ndim > 1:
             p.copy_(noise / max(1, p[0].numel()) ** 0.5)
         else:
-            p.add_(0.02 * noise)
+            p.copy_(float(name.endswith("weight")) + 0.02 * noise)
 
 
 def demo_network(kind: str, dtype: torch.dtype | None = None) -> nn.Module:
     """The tiny random network of ``kind`` (see WHERE), in eval mode; logs where the real weights go."""
-    module = _build(kind)
-    _randomize(module, seed=sorted(WHERE).index(kind))
+    seed = sorted(WHERE).index(kind)
+    with torch.random.fork_rng(devices=[]):  # default inits draw from the global RNG; leave it as it was
+        module = _build(kind)
+    _randomize(module, seed)
     if dtype is not None:
         module = module.to(dtype)
     what, files, folder = WHERE[kind]

@@ -36,6 +36,7 @@ class _ModuleLoader:
     FOLDERS: tuple[str, ...] = ()
     KIND = ""
     LOAD: Any = None
+    TAKES_OPERATIONS = True  # the pure-torch networks; the transformers towers build their own layers
     FILE_TIP = ""
     FUNCTION = "load"
     CATEGORY = CATEGORY
@@ -51,7 +52,8 @@ class _ModuleLoader:
         dtype = WEIGHT_DTYPES[weight_dtype]
         if file_name == DEMO_CHOICE:
             return (host.wrap(demo_network(self.KIND, dtype), self.KIND),)
-        module = type(self).LOAD(host.model_path(self.FOLDERS, file_name), dtype=dtype)
+        extra = {"operations": host.operations()} if self.TAKES_OPERATIONS else {}
+        module = type(self).LOAD(host.model_path(self.FOLDERS, file_name), dtype=dtype, **extra)
         return (host.wrap(module, self.KIND),)
 
 
@@ -104,7 +106,18 @@ class TextEncoderLoader(_ModuleLoader):
                    "or ComfyUI layout) from models/text_encoders or models/clip.")
     FOLDERS, KIND, LOAD = ("text_encoders", "clip"), "text_encoder", staticmethod(loading.load_text_encoder)
     FILE_TIP = "The bigG text encoder, e.g. text_encoder/model.safetensors of stabilityai/stable-cascade, renamed."
+    TAKES_OPERATIONS = False
     RETURN_TYPES, RETURN_NAMES = ("SCW_TEXT_ENCODER",), ("text_encoder",)
+
+
+class ClipVisionLoader(_ModuleLoader):
+    NODE_ID, TITLE = "SCW_ClipVisionLoader", "Load CLIP Vision"
+    DESCRIPTION = ("Loads the CLIP ViT-L/14 vision model (openai/clip-vit-large-patch14, transformers layout) used "
+                   "for image variations, from models/clip_vision.")
+    FOLDERS, KIND, LOAD = ("clip_vision",), "clip_vision", staticmethod(loading.load_clip_vision)
+    FILE_TIP = "The ViT-L/14 image encoder, e.g. image_encoder/model.safetensors of stabilityai/stable-cascade-prior."
+    TAKES_OPERATIONS = False
+    RETURN_TYPES, RETURN_NAMES = ("SCW_CLIP_VISION",), ("clip_vision",)
 
 
 # Output order of the packaged loader: kind, socket type, socket name.
@@ -113,6 +126,7 @@ PACKAGED_OUTPUTS = (
     ("text_encoder", "SCW_TEXT_ENCODER", "text_encoder"),
     ("effnet", "SCW_EFFNET", "effnet"),
     ("previewer", "SCW_PREVIEWER", "previewer"),
+    ("clip_vision", "SCW_CLIP_VISION", "clip_vision"),
     ("stage_b", "SCW_STAGE_B", "stage_b"),
     ("stage_a", "SCW_STAGE_A", "stage_a"),
 )
@@ -121,9 +135,9 @@ PACKAGED_OUTPUTS = (
 class PackagedCheckpointLoader:
     NODE_ID, TITLE = "SCW_PackagedCheckpointLoader", "Load Packaged Checkpoint"
     DESCRIPTION = ("Loads one of ComfyUI's packaged checkpoints from models/checkpoints and returns every module it "
-                   "holds: stable_cascade_stage_c.safetensors gives stage_c, text_encoder, effnet and previewer; "
-                   "stable_cascade_stage_b.safetensors gives stage_b and stage_a. Using an output the file does not "
-                   "hold fails with a message naming the file.")
+                   "holds: stable_cascade_stage_c.safetensors gives stage_c, text_encoder, effnet, previewer and "
+                   "clip_vision; stable_cascade_stage_b.safetensors gives stage_b and stage_a. Using an output the "
+                   "file does not hold fails with a message naming the file.")
     FOLDERS = ("checkpoints",)
     RETURN_TYPES = tuple(t for _, t, _ in PACKAGED_OUTPUTS)
     RETURN_NAMES = tuple(n for _, _, n in PACKAGED_OUTPUTS)
@@ -140,13 +154,14 @@ class PackagedCheckpointLoader:
         dtype = WEIGHT_DTYPES[weight_dtype]
         if file_name == DEMO_CHOICE:
             return tuple(host.wrap(demo_network(kind, dtype), kind) for kind, _, _ in PACKAGED_OUTPUTS)
-        found = loading.load_packaged(host.model_path(self.FOLDERS, file_name), dtype=dtype)
+        found = loading.load_packaged(host.model_path(self.FOLDERS, file_name), dtype=dtype,
+                                      operations=host.operations())
         holds = ", ".join(sorted(found)) or "nothing usable"
         return tuple(host.wrap(found[kind], kind) if kind in found else Absent(kind, file_name, holds)
                      for kind, _, _ in PACKAGED_OUTPUTS)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
-    StageCLoader, StageBLoader, StageALoader, EffNetLoader, PreviewerLoader, TextEncoderLoader,
+    StageCLoader, StageBLoader, StageALoader, EffNetLoader, PreviewerLoader, TextEncoderLoader, ClipVisionLoader,
     PackagedCheckpointLoader,
 )

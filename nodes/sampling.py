@@ -10,6 +10,7 @@ from typing import Any
 
 from ..samplers import cascade
 from ..samplers.sampling import SAMPLERS
+from .conditioning import merge_entries
 from .common import category, latent_samples, mappings, require, seed_input, stage_latent
 
 CATEGORY = category("sampling")
@@ -34,18 +35,10 @@ def schedule_inputs(defaults: dict, stage: str) -> dict:
         "rescale": ("FLOAT", {"default": defaults["rescale"], "min": 0.0, "max": 1.0, "step": 0.01,
                               "tooltip": "CFG rescale (official 0.7 for Stage C, 0 for Stage B): pulls the guided "
                                          "prediction's std back toward the conditional one."}),
-        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "1 samples from pure noise; lower keeps part of the input latent "
-                                         "(image-to-image)."}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                              "tooltip": "1 samples from pure noise; lower starts from the input latent noised to "
+                                         "this level (image-to-image); all steps run from there."}),
     }
-
-
-def check_schedule(steps: int | None, denoise: float | None, prefix: str = "") -> bool | str:
-    """Cross-field rule: at least one step must run (int(steps * denoise) >= 1)."""
-    if steps is None or denoise is None or int(steps * denoise) >= 1:
-        return True
-    return (f"{prefix}denoise {denoise} with {steps} steps runs no step (steps x denoise = {steps * denoise:g}) - "
-            f"raise {prefix}denoise to at least {1 / steps:.3g} or use more steps")
 
 
 def _conditioning_input(what: str) -> tuple:
@@ -76,17 +69,13 @@ class StageCSampler:
             "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."})},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, steps: int | None = None, denoise: float | None = None) -> bool | str:
-        return check_schedule(steps, denoise)
-
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
                shift: float, sampler: str, rescale: float, denoise: float, previewer: Any = None) -> tuple[dict]:
         model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", _C_FIX)
         samples = latent_samples(latent, "c", "latent", self.NODE_ID)
-        out = cascade.sample_stage_c(model, positive, negative, samples, seed=seed, steps=steps, cfg=cfg,
-                                     shift=shift, sampler=sampler, rescale=rescale, denoise=denoise,
-                                     previewer=previewer)
+        out = cascade.sample_stage_c(model, merge_entries(positive), merge_entries(negative), samples, seed=seed,
+                                     steps=steps, cfg=cfg, shift=shift, sampler=sampler, rescale=rescale,
+                                     denoise=denoise, previewer=previewer, batch_index=latent.get("batch_index"))
         return (stage_latent(out, "c", latent),)
 
 
@@ -111,17 +100,14 @@ class StageBSampler:
             **schedule_inputs(B_DEFAULTS, "Stage B"),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, steps: int | None = None, denoise: float | None = None) -> bool | str:
-        return check_schedule(steps, denoise)
-
     def sample(self, stage_b: Any, positive: list, negative: list, stage_c: dict, latent: dict, seed: int,
                steps: int, cfg: float, shift: float, sampler: str, rescale: float, denoise: float) -> tuple[dict]:
         model = require(stage_b, "stage_b", self.NODE_ID, "a Stage B model", _B_FIX)
         prior = latent_samples(stage_c, "c", "stage_c", self.NODE_ID)
         samples = latent_samples(latent, "b", "latent", self.NODE_ID)
-        out = cascade.sample_stage_b(model, positive, negative, prior, samples, seed=seed, steps=steps, cfg=cfg,
-                                     shift=shift, sampler=sampler, rescale=rescale, denoise=denoise)
+        out = cascade.sample_stage_b(model, merge_entries(positive), merge_entries(negative), prior, samples,
+                                     seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler, rescale=rescale,
+                                     denoise=denoise, batch_index=latent.get("batch_index"))
         return (stage_latent(out, "b", latent),)
 
 

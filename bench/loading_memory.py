@@ -1,0 +1,115 @@
+"""Peak memory of cascade.loading against the file size: the loader must hold one copy, not two.
+
+Writes a mid-size random Stage C (default ~250M parameters) in the original, ComfyUI-packaged and
+diffusers layouts, then loads each in a fresh process and reports the peak resident memory above the
+post-import baseline, as a multiple of the tensor bytes loaded.
+
+Run (heavy: ~3 GB of RAM and disk under /tmp): ``flock /tmp/scw-heavy.lock .venv/bin/python bench/loading_memory.py``
+Options: ``--width 1024 --depth 6`` (Stage C size), ``--keep`` (leave the files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "comfyui_stablecascade"
+
+
+def _import_pack() -> None:
+    """The pack's cascade/ as ``comfyui_stablecascade.cascade`` without running the root __init__ (nodes)."""
+    import types
+
+    if PACKAGE not in sys.modules:
+        pkg = types.ModuleType(PACKAGE)
+        pkg.__path__ = [ROOT]
+        sys.modules[PACKAGE] = pkg
+    importlib.import_module(f"{PACKAGE}.cascade.loading")
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def write(folder: str, width: int, depth: int) -> dict:
+    _import_pack()
+    from safetensors.torch import save_file
+
+    from comfyui_stablecascade.cascade.stage_c import StageC, StageCConfig
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import tiny_checkpoints as tc
+
+    cfg = StageCConfig(c_cond=width, c_hidden=(width, width), nhead=(width // 64,) * 2,
+                       blocks=((depth // 3, depth), (depth, depth // 3)))
+    shapes = StageC(cfg, device="meta").state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g).to(torch.bfloat16) for k, v in shapes.items()}
+    files = {
+        "original": os.path.join(folder, "stage_c_bf16.safetensors"),
+        "packaged": os.path.join(folder, "stable_cascade_stage_c.safetensors"),
+        "diffusers": os.path.join(folder, "prior", "diffusion_pytorch_model.safetensors"),
+    }
+    os.makedirs(os.path.dirname(files["diffusers"]))
+    save_file(sd, files["original"])
+    save_file(tc.with_prefix(sd, "model.diffusion_model."), files["packaged"])
+    save_file(tc.diffusers_unet(sd), files["diffusers"])
+    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+    return {"files": files, "tensor_bytes": nbytes, "params": sum(v.numel() for v in sd.values())}
+
+
+def measure(path: str) -> None:
+    """Child process: print JSON with baseline and peak RSS around one load_stage_c call."""
+    _import_pack()
+    from comfyui_stablecascade.cascade import loading
+
+    torch.set_num_threads(2)
+    base = _rss_kb()
+    model = loading.load_stage_c(path)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _rss_kb()
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"base_kb": base, "peak_kb": peak, "after_kb": after, "held_bytes": held}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        return measure(args.measure)
+    torch.set_num_threads(2)
+    folder = tempfile.mkdtemp(prefix="scw_loading_mem_")
+    try:
+        info = write(folder, args.width, args.depth)
+        gb = info["tensor_bytes"] / 2**30
+        print(f"Stage C width {args.width}, {info['params'] / 1e6:.0f}M params, {gb:.2f} GiB of bf16 tensors")
+        print("layout     peak above baseline   (x tensor bytes)   held after load")
+        for layout, path in info["files"].items():
+            out = subprocess.run([sys.executable, __file__, "--measure", path], capture_output=True, text=True,
+                                 check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            extra = (r["peak_kb"] - r["base_kb"]) * 1024
+            print(f"{layout:10s} {extra / 2**30:8.2f} GiB {extra / info['tensor_bytes']:14.2f}x "
+                  f"{r['held_bytes'] / 2**30:12.2f} GiB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Reading Stable Cascade weights in every layout people have, and building the networks from them.
+
+Files are safetensors only (a pickle is refused, never opened). What a file holds is told from its
+keys and shapes (``keymaps.detect``), its keys are converted to the original release's layout, the
+config is inferred from them (``<Config>.from_state_dict``), and the network is built on the meta
+device and given the file's tensors (``load_state_dict(assign=True)``): one copy in memory, in the
+file's dtype unless ``dtype=`` asks for another (converted tensor by tensor while reading). Only the
+keys of the requested component are read from a packaged file. Layout facts: docs/LAYOUTS.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from torch import nn
+
+from . import keymaps
+from .errors import CascadeError, CheckpointError, StageMismatchError, UnknownLayoutError
+from .keymaps import NAMES, Detected
+
+log = logging.getLogger(__name__)
+
+Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+
+# Where each file belongs in a ComfyUI install, for "file not found" messages.
+FOLDERS = {
+    "stage_c": "models/diffusion_models (or models/unet)", "stage_b": "models/diffusion_models (or models/unet)",
+    "stage_a": "models/vae", "effnet": "models/vae", "previewer": "models/vae",
+    "text_encoder": "models/text_encoders (or models/clip)", "clip_vision": "models/clip_vision",
+    "controlnet": "models/controlnet", "packaged": "models/checkpoints", "lora": "models/loras",
+}
+# What loads each kind: (function in this module, node title).
+LOADERS = {
+    "stage_c": ("load_stage_c", "Load Stage C (SCW)"), "stage_b": ("load_stage_b", "Load Stage B (SCW)"),
+    "stage_a": ("load_stage_a", "Load Stage A (SCW)"), "effnet": ("load_effnet", "Load EffNet Encoder (SCW)"),
+    "previewer": ("load_previewer", "Load Previewer (SCW)"),
+    "text_encoder": ("load_text_encoder", "Load Text Encoder (SCW)"),
+    "clip_vision": ("load_clip_vision", "Load CLIP Vision (SCW)"),
+    "controlnet": ("load_controlnet", "Load ControlNet (SCW)"),
+    "packaged": ("load_packaged", "Load Packaged Checkpoint (SCW)"),
+}
+EXAMPLES = {
+    "stage_c": "stage_c.safetensors / stage_c_bf16 / stage_c_lite(_bf16), or a diffusers prior/ folder",
+    "stage_b": "stage_b.safetensors / stage_b_bf16 / stage_b_lite(_bf16), or a diffusers decoder/ folder",
+    "stage_a": "stage_a.safetensors", "effnet": "effnet_encoder.safetensors", "previewer": "previewer.safetensors",
+    "text_encoder": "the CLIP ViT-bigG text encoder (text_encoder/model.safetensors of stabilityai/stable-cascade)",
+    "clip_vision": "the CLIP ViT-L/14 vision model (e.g. image_encoder/model.safetensors)",
+    "controlnet": "controlnet/canny.safetensors, inpainting or super_resolution",
+    "packaged": "stable_cascade_stage_c.safetensors or stable_cascade_stage_b.safetensors",
+}
+_NETWORKS = {  # kind -> (module, class, config class)
+    "stage_c": ("stage_c", "StageC", "StageCConfig"), "stage_b": ("stage_b", "StageB", "StageBConfig"),
+    "stage_a": ("stage_a", "StageA", "StageAConfig"), "effnet": ("effnet", "EfficientNetEncoder", "EffNetConfig"),
+    "previewer": ("previewer", "Previewer", "PreviewerConfig"),
+    "controlnet": ("controlnet", "ControlNet", "ControlNetConfig"),
+}
+_TOWERS = {"text_encoder": ("text", "TextEncoder"), "clip_vision": ("clip_vision", "ClipVision")}
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+_SUBFOLDERS = {"stage_c": ("prior", "prior_lite"), "stage_b": ("decoder", "decoder_lite"), "stage_a": ("vqgan",),
+               "text_encoder": ("text_encoder",), "clip_vision": ("image_encoder",)}
+_VARIANTS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class WrongModelError(CheckpointError, StageMismatchError):
+    """A readable file of another kind was given to a loader (a Stage B to the Stage C loader, ...)."""
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def _pickle_error(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {why}. Pickle files can run arbitrary code when opened, so this pack reads safetensors only "
+        "and never unpickles. Download the .safetensors release of this model, or convert it to safetensors "
+        "yourself in an environment you trust (torch.load(..., weights_only=True) then "
+        "safetensors.torch.save_file)."
+    )
+
+
+def _check_file(path: Path, kind: str | None) -> None:
+    where = FOLDERS.get(kind or "packaged", "the ComfyUI models folder")
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: file not found. Put {NAMES.get(kind or '', 'the model')} file in ComfyUI/{where}/ "
+            f"(e.g. {EXAMPLES.get(kind or 'packaged', 'a .safetensors file')}) and pick it from the list."
+        )
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise _pickle_error(path, f"'{path.suffix}' files are PyTorch pickles")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); the download did not finish. Download it again.")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # a safetensors header: 8-byte length, then JSON (the length's bytes can be anything)
+        return
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise _pickle_error(path, "the file is a PyTorch pickle (zip/pickle bytes) despite its name")
+    if head.startswith(b"GGUF"):
+        raise CheckpointError(f"{path}: this is a GGUF (quantised) file; only safetensors are supported. "
+                              "Use the .safetensors release of this model.")
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError is not importable under a stable name
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}). It is truncated (an unfinished download) or not a "
+            "safetensors file at all. Download it again."
+        ) from None
+
+
+def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Key -> meta tensor of the file's shape and dtype, reading only the header."""
+    path = Path(path)
+    _check_file(path, None)
+    with _open_safetensors(path) as f:
+        out = {}
+        for k in f.keys():
+            s = f.get_slice(k)
+            out[k] = torch.empty(s.get_shape(), dtype=_DTYPES.get(s.get_dtype(), torch.float32), device="meta")
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None, dtype: torch.dtype | None = None,
+                     device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """The file's tensors (all, or ``keys``), floating ones cast to ``dtype`` one by one while reading."""
+    path = Path(path)
+    _check_file(path, None)
+    out: dict[str, torch.Tensor] = {}
+    with _open_safetensors(path) as f:
+        names = list(f.keys()) if keys is None else keys
+        for k in names:
+            out[k] = _cast(f.get_tensor(k), dtype, device)
+    return out
+
+
+def _pick_variant(cands: list[Path], dtype: torch.dtype | None) -> Path:
+    def variant(p: Path) -> str:
+        return next((v for v in ("bf16", "fp16", "fp32") if v in p.name.split(".")), "")
+
+    want = _VARIANTS.get(dtype, "") if dtype is not None else ""
+    for pref in (want, "", "bf16", "fp32", "fp16"):
+        hits = [c for c in cands if variant(c) == pref]
+        if hits:
+            return sorted(hits, key=lambda c: (not c.name.endswith(".json"), c.name))[0]
+    return cands[0]
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a readable shard index ({e!r}); download it again.") from None
+    files = [index.parent / n for n in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index}: shard(s) {missing} listed in the index are not in {index.parent}; "
+                              "download every shard into the same folder.")
+    return files
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """All shards of a sharded checkpoint, from any one shard (through the index when there is one)."""
+    m = _SHARD.match(path.name)
+    assert m is not None
+    for index in sorted(path.parent.glob("*.index*.json")):
+        files = _index_files(index)
+        if path in files:
+            return files
+    n = int(m["n"])
+    files = [path.parent / f"{m['stem']}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path}: shard {path.name} of a {n}-part checkpoint, but {missing} are missing from "
+                              f"{path.parent}; download every shard (and the .index.json) into that folder.")
+    return files
+
+
+def _dir_files(d: Path, kind: str | None, dtype: torch.dtype | None) -> list[Path]:
+    subs = [d / s for s in _SUBFOLDERS.get(kind or "", ()) if (d / s).is_dir()]
+    if len(subs) > 1:
+        raise CheckpointError(f"{d}: holds {[s.name for s in subs]}; pass the one folder you want to load.")
+    d = subs[0] if subs else d
+    cands = sorted(d.glob("*.safetensors.index*.json")) + sorted(
+        p for p in d.glob("*.safetensors") if not _SHARD.match(p.name))
+    if not cands:
+        raise CheckpointError(f"{d}: no .safetensors file and no *.safetensors.index.json shard index in this "
+                              f"folder. Expected {EXAMPLES.get(kind or 'packaged', 'weights')}.")
+    chosen = _pick_variant(cands, dtype)
+    if len(cands) > 1:
+        log.info("ComfyUI-StableCascade: %s holds %s; reading %s.", d, [c.name for c in cands], chosen.name)
+    return _index_files(chosen) if chosen.name.endswith(".json") else [chosen]
+
+
+def _resolve(path: Path, kind: str | None, dtype: torch.dtype | None) -> list[Path]:
+    if path.is_dir():
+        return _dir_files(path, kind, dtype)
+    if path.name.endswith(".json") and path.exists():
+        return _index_files(path)
+    _check_file(path, kind)
+    return _shard_files(path) if _SHARD.match(path.name) else [path]
+
+
+# ---- opened sources ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Opened:
+    """A file (or shards) or an in-memory dict: header for detection, and reading of chosen keys."""
+
+    name: str
+    header: dict[str, torch.Tensor]
+    where: dict[str, Path] = field(default_factory=dict)
+    sd: Mapping[str, torch.Tensor] | None = None
+
+    def read(self, keys: list[str], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:
+        if self.sd is not None:
+            return {k: _cast(self.sd[k], dtype, device) for k in keys}
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for f, ks in by_file.items():
+            out.update(read_safetensors(f, ks, dtype, device))
+        return out
+
+
+def _open(src: Source, kind: str | None, dtype: torch.dtype | None) -> _Opened:
+    if isinstance(src, Mapping):
+        # Detection and config inference run on shape-only copies, so converting them costs no memory.
+        header = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in src.items()}
+        return _Opened("state dict", header, sd=src)
+    path = Path(src)
+    files = _resolve(path, kind, dtype)
+    header: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        h = read_header(f)
+        header.update(h)
+        where.update(dict.fromkeys(h, f))
+    if not header:
+        raise CheckpointError(f"{path}: the file holds no tensors. Download it again.")
+    return _Opened(str(path), header, where)
+
+
+def detect(src: Source) -> Detected:
+    """What a state dict, file or folder holds, from keys and shapes only (a file's header only)."""
+    return keymaps.detect(_open(src, None, None).header)
+
+
+def _how_to_load(det: Detected) -> str:
+    if det.kind == "lora":
+        return "A LoRA is not a network: load the Stage C first, then apply the LoRA with the pack's LoRA node"
+    key = "packaged" if det.parts else det.kind
+    if key not in LOADERS:
+        return "This pack has no loader for it"
+    fn, node = LOADERS[key]
+    return f"Load it with the '{node}' node (loading.{fn})"
+
+
+def _find(opened: _Opened, kind: str) -> tuple[Detected, Detected]:
+    """(the file's detection, its component of ``kind``) or a clear error naming what the file is."""
+    det = keymaps.detect(opened.header)
+    part = det.part(kind)
+    if part is not None:
+        return det, part
+    if det.kind == "unknown":
+        hint = keymaps.foreign_hint(opened.header)
+        known = "; ".join(f"{k}: {v}" for k, v in keymaps.LAYOUTS.items())
+        raise UnknownLayoutError(
+            f"{opened.name}: matches no known Stable Cascade layout{f' (it looks like {hint})' if hint else ''}; "
+            f"{len(opened.header)} keys, e.g. {sorted(opened.header)[:4]}. Known layouts: {known}. "
+            f"Expected {NAMES[kind]}: pick {EXAMPLES[kind]}."
+        )
+    raise WrongModelError(
+        f"{opened.name} is {det.describe()}, not {NAMES[kind]}. {_how_to_load(det)}. "
+        f"For {NAMES[kind]} pick {EXAMPLES[kind]}."
+    )
+
+
+def _component_keys(det: Detected, part: Detected, header: Mapping[str, Any]) -> list[str]:
+    """Keys under the part's root, minus those of other parts nested deeper (a text encoder next to a
+    U-Net stored without prefix)."""
+    others = [p.read_root for p in det.parts if p is not part and len(p.read_root) > len(part.read_root)]
+    root = part.read_root
+    return [k for k in header if k.startswith(root) and not any(k.startswith(o) for o in others)]
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+
+def _import(module: str, attr: str) -> Any:
+    try:
+        return getattr(importlib.import_module(f".{module}", __package__), attr)
+    except (ImportError, AttributeError) as e:
+        raise CascadeError(f"cascade.{module}.{attr} is not available ({e}); this install is incomplete - "
+                           "reinstall the node pack.") from None
+
+
+def _with_name(e: CascadeError, name: str) -> CascadeError:
+    out = type(e)(f"{name}: {e}")
+    out.__cause__ = e
+    return out
+
+
+def _assign(model: nn.Module, sd: dict[str, torch.Tensor], name: str, kind: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(
+            f"{name}: {len(missing)} of {len(expected)} tensors of {NAMES[kind]} are missing, e.g. {missing[:4]}; "
+            "the file is incomplete or damaged. Download it again."
+        )
+    wrong = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{name}: {len(wrong)} tensors have shapes the inferred network does not take, "
+                              f"e.g. (key, file, network) {wrong[:3]}; the file is damaged. Download it again.")
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        log.warning("ComfyUI-StableCascade: %s: %d unexpected keys ignored, e.g. %s", name, len(extra), extra[:5])
+    model.load_state_dict({k: sd.pop(k) for k in expected}, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{name}: {left[:4]} were not loaded (still on the meta device); the network "
+                              "has state that its files do not hold - report this as a bug.")
+
+
+def _build_network(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None, device: Any,
+                   operations: Any) -> nn.Module:
+    kind = part.kind
+    module, cls_name, cfg_name = _NETWORKS[kind]
+    cls, cfg_cls = _import(module, cls_name), _import(module, cfg_name)
+    keys = _component_keys(det, part, opened.header)
+    # Infer (and validate) the config from the header first: a wrong file fails before gigabytes are read.
+    meta, _ = keymaps.to_original(kind, keymaps.sub_dict({k: opened.header[k] for k in keys}, part))
+    try:
+        config = cfg_cls.from_state_dict(meta)
+    except CascadeError as e:
+        raise _with_name(e, opened.name) from e
+    sd, dropped = keymaps.to_original(kind, keymaps.sub_dict(opened.read(keys, dtype, device), part, pop=True))
+    if dropped:
+        log.warning("ComfyUI-StableCascade: %s: %d keys outside %s ignored, e.g. %s", opened.name, len(dropped),
+                    NAMES[kind], dropped[:5])
+    model = cls(config, device="meta", operations=operations)
+    _assign(model, sd, opened.name, kind)
+    return model.eval().requires_grad_(False)
+
+
+def _build_tower(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None,
+                 device: Any) -> nn.Module:
+    module, cls_name = _TOWERS[part.kind]
+    cls = _import(module, cls_name)
+    sd = opened.read(_component_keys(det, part, opened.header), dtype, device)
+    try:
+        model = cls.from_state_dict(sd, dtype=dtype, device=device)
+    except CascadeError as e:
+        raise _with_name(e, opened.name) from e
+    return model.eval().requires_grad_(False)
+
+
+def _build(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None, device: Any,
+           operations: Any) -> nn.Module:
+    if part.kind in _TOWERS:
+        model = _build_tower(opened, det, part, dtype, device)
+    else:
+        model = _build_network(opened, det, part, dtype, device, operations)
+    log.info("ComfyUI-StableCascade: loaded %s from %s.", part.describe(), opened.name)
+    return model
+
+
+def load(kind: str, src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+         operations: Any = None) -> nn.Module:
+    """Build the ``kind`` network from a file, shard set, folder or state dict of any known layout."""
+    opened = _open(src, kind, dtype)
+    det, part = _find(opened, kind)
+    return _build(opened, det, part, dtype, device, operations)
+
+
+def load_stage_c(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+        operations: Any = None) -> nn.Module:
+    """Stage C (3.6B, 1B lite or any smaller variant) from any layout; see ``load``."""
+    return load("stage_c", src, dtype, device, operations)
+
+
+def load_stage_b(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+        operations: Any = None) -> nn.Module:
+    """Stage B (1.5B, 700M lite or smaller) from any layout; see ``load``."""
+    return load("stage_b", src, dtype, device, operations)
+
+
+def load_stage_a(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+        operations: Any = None) -> nn.Module:
+    """Stage A (original, ComfyUI ``vae.`` or diffusers PaellaVQModel keys); see ``load``."""
+    return load("stage_a", src, dtype, device, operations)
+
+
+def load_effnet(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+        operations: Any = None) -> nn.Module:
+    """The EfficientNet encoder (original, or ComfyUI's ``encoder.`` / ``vae.encoder.``); see ``load``."""
+    return load("effnet", src, dtype, device, operations)
+
+
+def load_previewer(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+        operations: Any = None) -> nn.Module:
+    """The Previewer (original, or ComfyUI's ``previewer.`` / ``vae.previewer.``); see ``load``."""
+    return load("previewer", src, dtype, device, operations)
+
+
+def load_controlnet(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+        operations: Any = None) -> nn.Module:
+    """A Stable Cascade ControlNet (canny, inpainting, super-resolution); see ``load``."""
+    return load("controlnet", src, dtype, device, operations)
+
+
+def load_text_encoder(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu") -> nn.Module:
+    """The CLIP bigG text encoder (transformers, open_clip, ComfyUI or packaged layout); see ``load``."""
+    return load("text_encoder", src, dtype, device)
+
+
+def load_clip_vision(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu") -> nn.Module:
+    """The CLIP ViT-L/14 vision model (transformers keys, any prefix); see ``load``."""
+    return load("clip_vision", src, dtype, device)
+
+
+def load_packaged(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
+                  operations: Any = None) -> dict[str, nn.Module]:
+    """Every network a file holds, by kind (ComfyUI's stable_cascade_stage_c.safetensors gives stage_c,
+    text_encoder, effnet, previewer and clip_vision; stable_cascade_stage_b.safetensors gives stage_b and
+    stage_a). A single-module file gives a one-entry dict."""
+    opened = _open(src, None, dtype)
+    det = keymaps.detect(opened.header)
+    if det.kind == "unknown":
+        _find(opened, "stage_c")  # raises UnknownLayoutError naming the file and the known layouts
+    if det.kind == "lora":
+        raise WrongModelError(f"{opened.name} is {det.describe()}, not a checkpoint of networks. {_how_to_load(det)}.")
+    out: dict[str, nn.Module] = {}
+    for part in det.parts or (det,):
+        if part.kind in out:
+            log.warning("ComfyUI-StableCascade: %s holds a second %s under %r; ignored.", opened.name,
+                        NAMES[part.kind], part.prefix)
+            continue
+        out[part.kind] = _build(opened, det, part, dtype, device, operations)
+    return out

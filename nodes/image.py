@@ -1,0 +1,322 @@
+"""Image nodes: the three image use cases of the original release (docs/IMAGE_PATHS.md).
+
+- image variation: ``SCW_ClipVisionEncode`` adds CLIP ViT-L image embeddings to a CONDITIONING (Stage C's
+  ``clip_img``; N images give 4 N tokens), with a strength, chainable for a strength per image;
+- image-to-image: ``SCW_StageCEncode`` (EffNet latent of an image resized to 32 pixels per Stage C cell,
+  i.e. 3/4 of the output size) and ``SCW_StageCImageToImage`` (a Stage C sampler that starts from it, with
+  the official or the consistent noising);
+- reconstruction: ``SCW_ReconstructionEncode`` (the official 3/4 nearest downscale), ``SCW_StageAEncode``
+  (Stage A on its own) and ``SCW_ImageCompare`` (PSNR and SSIM, and a difference image).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .. import host
+from ..cascade import image_ops
+from ..cascade.effnet import normalize_imagenet
+from ..cascade.errors import CascadeError, ShapeError
+from ..samplers import cascade
+from ..samplers.cascade import CLIP_IMG_KEY
+from ..samplers.img2img import NOISING_MODES
+from .conditioning import merge_entries
+from .common import category, latent_samples, mappings, require, stage_latent
+from .latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, latent_sizes, snap_size
+from .sampling import schedule_inputs
+
+log = logging.getLogger(__name__)
+
+CATEGORY = category("image")
+I2I_DEFAULTS = {"steps": 16, "cfg": 4.0, "shift": 2.0, "rescale": 0.7}  # notebook: int(20 * 0.8) steps from 0.8
+_EFFNET_FIX = "connect SCW_EffNetLoader (or the effnet output of SCW_PackagedCheckpointLoader with the Stage C file)"
+_CLIP_FIX = "connect SCW_ClipVisionLoader (openai/clip-vit-large-patch14 in models/clip_vision)"
+_STAGE_A_FIX = "connect SCW_StageALoader (or the stage_a output of SCW_PackagedCheckpointLoader with the Stage B file)"
+_IMAGE_TIP = "The input image (e.g. from core's LoadImage)."
+
+
+# ---- domain calls (through host) -----------------------------------------------------------------------
+
+
+def _module_on_device(handle: Any) -> tuple[torch.nn.Module, torch.Tensor]:
+    host.load([handle])
+    module = host.module_of(handle)
+    return module, next(module.parameters())
+
+
+def effnet_encode(effnet: Any, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> Stage C latent (B, 16, H/32, W/32): ImageNet-normalised in float32 (the
+    official ``effnet_preprocess``), then run in the weights' dtype; float32 on the intermediate device."""
+    module, weight = _module_on_device(effnet)
+    x = normalize_imagenet(x.to(weight.device, torch.float32)).to(weight.dtype)
+    with torch.no_grad():
+        z = module(x)
+    return z.float().to(host.intermediate_device())
+
+
+def clip_image_embeds(clip_vision: Any, images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (N, H, W, 3) -> CLIP ViT-L image_embeds (N, 768), float32 on the intermediate device."""
+    module, _ = _module_on_device(clip_vision)
+    return module.encode(images).float().to(host.intermediate_device())
+
+
+def stage_a_encode(stage_a: Any, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> Stage B latent in core's SC_B storage (the encoder output before the
+    official / 0.43), so Stage A decode nodes and core's VAEDecode read it back."""
+    module, weight = _module_on_device(stage_a)
+    with torch.no_grad():
+        z = module.encode_raw(x.to(weight.device, weight.dtype))
+    return z.float().to(host.intermediate_device())
+
+
+def attach_image_embeds(conditioning: list, embeds: torch.Tensor, strength: float) -> list:
+    """A copy of ``conditioning`` whose entries carry ``embeds`` (N, 768) x strength as N more image tokens
+    (``"scw_clip_img"``, (B, N_total, 768)); the input conditioning is not changed."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise CascadeError(f"SCW_ClipVisionEncode: input 'conditioning' expects CONDITIONING, got "
+                           f"{type(conditioning).__name__} - connect SCW_TextEncode (an empty prompt is fine)")
+    tokens = (embeds * strength).unsqueeze(0)
+    out = []
+    for cond, extras in conditioning:
+        extras = dict(extras)
+        previous = extras.get(CLIP_IMG_KEY)
+        if previous is not None:
+            previous = previous.unsqueeze(1) if previous.ndim == 2 else previous
+            tokens_b = tokens.to(previous).expand(previous.shape[0], -1, -1)
+            extras[CLIP_IMG_KEY] = torch.cat([previous, tokens_b], dim=1)
+        else:
+            extras[CLIP_IMG_KEY] = tokens
+        out.append([cond, extras])
+    return out
+
+
+def input_pixels(image: torch.Tensor, node: str) -> torch.Tensor:
+    """IMAGE -> (B, 3, H, W), at least one EffNet cell (32 x 32 pixels)."""
+    x = image_ops.image_to_bchw(image, f"{node}: input 'image'")
+    image_ops.check_min_size(x, image_ops.EFFNET_STRIDE, f"{node}: the image",
+                             "the EffNet needs 32 pixels for one Stage C cell; use a larger image or upscale it "
+                             "(core's ImageScale)")
+    return x
+
+
+def comparison(reference: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-image PSNR, per-image SSIM, PSNR of the whole batch) of two IMAGEs; a batch-1 reference is
+    compared with every image."""
+    a = image_ops.image_to_bchw(reference, "SCW_ImageCompare: input 'reference'")
+    b = image_ops.image_to_bchw(image, "SCW_ImageCompare: input 'image'")
+    if a.shape[0] == 1 and b.shape[0] > 1:
+        a = a.expand_as(b) if a.shape[1:] == b.shape[1:] else a
+    psnr, ssim = image_ops.psnr(a, b), image_ops.ssim(a, b)
+    overall = image_ops.psnr(a.reshape(1, -1, *a.shape[2:]), b.reshape(1, -1, *b.shape[2:]))[0]
+    return psnr, ssim, overall
+
+
+def comparison_report(psnr: torch.Tensor, ssim: torch.Tensor, overall: torch.Tensor) -> str:
+    lines = [f"image {i + 1}: PSNR {image_ops.format_psnr(p)}, SSIM {s:.4f}"
+             for i, (p, s) in enumerate(zip(psnr.tolist(), ssim.tolist()))]
+    if len(lines) > 1:
+        lines.append(f"batch: PSNR {image_ops.format_psnr(overall.item())}, mean SSIM {ssim.mean().item():.4f}")
+    return "\n".join(lines)
+
+
+# ---- nodes --------------------------------------------------------------------------------------------
+
+
+class ClipVisionEncode:
+    NODE_ID, TITLE = "SCW_ClipVisionEncode", "CLIP Vision Encode (image variation)"
+    DESCRIPTION = ("Image variation: encodes the image(s) with CLIP ViT-L/14 and adds the 768-d image embeddings to "
+                   "the conditioning as Stage C's image prompt (each image gives 4 tokens). Works with an empty "
+                   "prompt (the official variation recipe) and with a text prompt. Chain several nodes for a "
+                   "strength per image. Leave the negative without images: the sampler gives it zeros.")
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip": "The positive prompt (SCW_TextEncode); an empty prompt "
+                                                         "gives the official image variation."}),
+            "clip_vision": ("SCW_CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision model (SCW_ClipVisionLoader)."}),
+            "image": ("IMAGE", {"tooltip": "The image(s) to vary; a batch of N images gives N image prompts."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Multiplies these images' embeddings: 1 as trained, 0 keeps only the "
+                                              "mapper's bias tokens."}),
+        }}
+
+    def encode(self, conditioning: list, clip_vision: Any, image: torch.Tensor, strength: float) -> tuple[list]:
+        model = require(clip_vision, "clip_vision", self.NODE_ID, "a CLIP vision model", _CLIP_FIX)
+        image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
+        embeds = clip_image_embeds(model, image[..., :3])
+        return (attach_image_embeds(conditioning, embeds, strength),)
+
+
+class StageCEncode:
+    NODE_ID, TITLE = "SCW_StageCEncode", "Stage C Encode (EffNet, image-to-image)"
+    DESCRIPTION = ("Encodes an image into a Stage C latent for image-to-image: the image is scaled to cover 32 "
+                   "pixels per Stage C cell of the output (3/4 of it at the official compression: 768x768 -> 24x24 "
+                   "for 1024x1024), center-cropped, and run through the EfficientNet encoder. Also returns the "
+                   "matching empty Stage B latent. Width/height 0 keep the image's own size.")
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("stage_c", "stage_b")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        size = {"default": 1024, "min": 0, "max": MAX_RESOLUTION, "step": 8}
+        return {"required": {
+            "effnet": ("SCW_EFFNET", {"tooltip": "The EfficientNet encoder (SCW_EffNetLoader)."}),
+            "image": ("IMAGE", {"tooltip": _IMAGE_TIP}),
+            "width": ("INT", {**size, "tooltip": "Output image width (0: the image's width, rounded to 8)."}),
+            "height": ("INT", {**size, "tooltip": "Output image height (0: the image's height, rounded to 8)."}),
+            "compression": ("FLOAT", {"default": DEFAULT_COMPRESSION, "min": 16.0, "max": 64.0, "step": 0.01,
+                                      "tooltip": "Pixels per Stage C cell, as in SCW_EmptyLatent (42.67 official)."}),
+        }}
+
+    def encode(self, effnet: Any, image: torch.Tensor, width: int, height: int,
+               compression: float = DEFAULT_COMPRESSION) -> tuple[dict, dict]:
+        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", _EFFNET_FIX)
+        x = input_pixels(image, self.NODE_ID)
+        height = snap_size(height or x.shape[-2], "height")
+        width = snap_size(width or x.shape[-1], "width")
+        (h_c, w_c), (h_b, w_b) = latent_sizes(width, height, compression)
+        pixels = image_ops.resize_cover(x, 32 * h_c, 32 * w_c)
+        stage_c = effnet_encode(model, pixels)
+        stage_b = torch.zeros(x.shape[0], 4, h_b, w_b)
+        return stage_latent(stage_c, "c"), stage_latent(stage_b, "b")
+
+
+class ReconstructionEncode:
+    NODE_ID, TITLE = "SCW_ReconstructionEncode", "Reconstruction Encode (EffNet, official 3/4)"
+    DESCRIPTION = ("The official reconstruction input: the image downscaled by 3/4 to multiples of 32 with nearest "
+                   "neighbour (1024 -> 768) and encoded by the EfficientNet (-> 24x24 Stage C cells), plus an empty "
+                   "Stage B latent of the image's own size. Decode with SCW_StageBSampler + SCW_StageADecode to "
+                   "see what the 42x compression keeps.")
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("stage_c", "stage_b")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "effnet": ("SCW_EFFNET", {"tooltip": "The EfficientNet encoder (SCW_EffNetLoader)."}),
+            "image": ("IMAGE", {"tooltip": _IMAGE_TIP + " Sides of at least 43 pixels; multiples of 8 keep the "
+                                                        "output the same size."}),
+        }}
+
+    def encode(self, effnet: Any, image: torch.Tensor) -> tuple[dict, dict]:
+        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", _EFFNET_FIX)
+        x = input_pixels(image, self.NODE_ID)
+        stage_c = effnet_encode(model, image_ops.downscale_for_reconstruction(x))
+        height, width = snap_size(x.shape[-2], "height"), snap_size(x.shape[-1], "width")
+        stage_b = torch.zeros(x.shape[0], 4, height // 4, width // 4)
+        return stage_latent(stage_c, "c"), stage_latent(stage_b, "b")
+
+
+class StageAEncode:
+    NODE_ID, TITLE = "SCW_StageAEncode", "Stage A Encode"
+    DESCRIPTION = ("Encodes an image with Stage A alone (4x down, 4 channels, no quantisation) into a Stage B "
+                   "latent; SCW_StageADecode turns it back, showing Stage A's own loss. Sides must be multiples of "
+                   "4 (8 for Stage B sampling).")
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("stage_b",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "stage_a": ("SCW_STAGE_A", {"tooltip": "The Stage A model (SCW_StageALoader)."}),
+            "image": ("IMAGE", {"tooltip": _IMAGE_TIP}),
+        }}
+
+    def encode(self, stage_a: Any, image: torch.Tensor) -> tuple[dict]:
+        model = require(stage_a, "stage_a", self.NODE_ID, "a Stage A model", _STAGE_A_FIX)
+        x = image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
+        if x.shape[-1] % 4 or x.shape[-2] % 4:
+            raise ShapeError(f"{self.NODE_ID}: the image is {x.shape[-1]}x{x.shape[-2]} pixels; Stage A needs "
+                             "width and height multiples of 4 - crop or scale it first (core's ImageCrop or "
+                             "ImageScale, e.g. to the nearest multiple of 8)")
+        return (stage_latent(stage_a_encode(model, x), "b"),)
+
+
+class StageCImageToImage:
+    NODE_ID, TITLE = "SCW_StageCImageToImage", "Stage C Image-to-Image Sampler"
+    DESCRIPTION = ("Stage C sampler that starts from an encoded image (SCW_StageCEncode) noised to 'denoise' and "
+                   "runs all 'steps' from there. Defaults are the notebook's: 16 steps from t 0.8, noising "
+                   "'official' (the notebook noises with shift 1 while sampling with shift 2, so more of the image "
+                   "survives); 'consistent' noises with the sampler's own shift.")
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("stage_c",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        inputs = schedule_inputs(I2I_DEFAULTS, "Stage C")
+        inputs["denoise"] = ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Where sampling starts (the official t_start 0.8): lower keeps "
+                                                  "more of the image."})
+        return {
+            "required": {
+                "stage_c": ("SCW_STAGE_C", {"tooltip": "The Stage C model."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt (SCW_TextEncode)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt (usually empty)."}),
+                "latent": ("LATENT", {"tooltip": "The stage_c output of SCW_StageCEncode."}),
+                **inputs,
+                "noising": (list(NOISING_MODES), {"default": "official", "tooltip": (
+                    "official: the notebook's recipe (noised with shift 1, a = 0.307 at 0.8); consistent: noised "
+                    "with the sampler's shift (a = 0.159 at 0.8 with shift 2), replaces more of the image.")}),
+            },
+            "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."})},
+        }
+
+    def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
+               shift: float, sampler: str, rescale: float, denoise: float, noising: str = "official",
+               previewer: Any = None) -> tuple[dict]:
+        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", "connect SCW_StageCLoader")
+        samples = latent_samples(latent, "c", "latent", self.NODE_ID)
+        out = cascade.sample_stage_c(model, merge_entries(positive), merge_entries(negative), samples, seed=seed,
+                                     steps=steps, cfg=cfg, shift=shift, sampler=sampler, rescale=rescale,
+                                     denoise=denoise, previewer=previewer, batch_index=latent.get("batch_index"),
+                                     noising=noising)
+        return (stage_latent(out, "c", latent),)
+
+
+class ImageCompare:
+    NODE_ID, TITLE = "SCW_ImageCompare", "Image Compare (PSNR, SSIM)"
+    DESCRIPTION = ("Reports PSNR (dB; inf for identical images) and SSIM (Wang et al. 2004: 11x11 Gaussian window, "
+                   "sigma 1.5) between a reference and an image of the same size, e.g. an input and its "
+                   "reconstruction, and outputs their difference amplified by 'gain'.")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("difference",)
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "reference": ("IMAGE", {"tooltip": "The original image (batch 1 is compared with every image)."}),
+            "image": ("IMAGE", {"tooltip": "The image to measure, same width and height as the reference."}),
+            "gain": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 100.0, "step": 0.5,
+                               "tooltip": "Multiplies the absolute difference in the output image."}),
+        }}
+
+    def compare(self, reference: torch.Tensor, image: torch.Tensor, gain: float = 4.0) -> dict:
+        psnr, ssim, overall = comparison(reference, image)
+        report = comparison_report(psnr, ssim, overall)
+        log.info("ComfyUI-StableCascade: image comparison\n%s", report)
+        diff = ((image[..., :3].float() - reference[..., :3].float()).abs() * gain).clamp(0.0, 1.0)
+        return {"ui": {"text": [report]}, "result": (diff,)}
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
+    ClipVisionEncode, StageCEncode, StageCImageToImage, ReconstructionEncode, StageAEncode, ImageCompare,
+)

@@ -1,0 +1,259 @@
+"""The nodes: declared schemas (C1-C4), latent sizes, conditioning format, loaders, edge validation and errors.
+
+Networks are the loaders' tiny random demo networks or tiny random ones saved as safetensors here; nothing
+below checks image quality, only what each node promises about its sockets.
+"""
+
+import dataclasses
+import inspect
+import logging
+
+import pytest
+import torch
+import tiny_checkpoints as tc
+from safetensors.torch import save_file
+
+from comfyui_stablecascade import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from comfyui_stablecascade.cascade.errors import CascadeError, StageMismatchError
+from comfyui_stablecascade.cascade.stage_c import StageC, StageCConfig
+from comfyui_stablecascade.nodes import common, conditioning, decode, latents, loaders, sampling
+from comfyui_stablecascade.nodes.demo import DEMO_CHOICE, demo_network
+from comfyui_stablecascade.samplers.sampling import SAMPLERS
+
+NUMERIC = ("INT", "FLOAT")
+WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+@pytest.fixture
+def models(tmp_models):
+    host.set_models_dir(str(tmp_models))
+    yield tmp_models
+    host.set_models_dir(None)
+
+
+def _all_inputs(cls):
+    types = cls.INPUT_TYPES()
+    return {**types.get("required", {}), **types.get("optional", {})}
+
+
+# ---- schemas ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_schema_conventions(node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("SCW_") and not node_id.startswith("StableCascade_")
+    assert cls.NODE_ID == node_id
+    assert NODE_DISPLAY_NAME_MAPPINGS[node_id].endswith(" (SCW)")
+    assert NODE_DISPLAY_NAME_MAPPINGS[node_id].isascii()
+    assert cls.CATEGORY.startswith("stable_cascade_wurst/") and cls.CATEGORY.count("/") == 1
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) >= 1
+    for t in cls.RETURN_TYPES:
+        assert t in ("LATENT", "CONDITIONING", "IMAGE", "MASK") or t.startswith("SCW_"), t
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert "__init__" not in vars(cls), "nodes keep no state on instances"
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_every_input_declares_tooltip_and_ranges(node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    inputs = _all_inputs(cls)
+    assert inputs
+    for name, spec in inputs.items():
+        kind, options = spec[0], spec[1]
+        assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if kind in NUMERIC:
+            for key in ("default", "min", "max", "step"):
+                assert key in options, f"{node_id}.{name} lacks {key}"
+            assert options["min"] <= options["default"] <= options["max"]
+        elif isinstance(kind, list):
+            assert kind and options.get("default", kind[0]) in kind
+        elif kind not in WIDGETS:
+            assert kind in ("LATENT", "CONDITIONING", "IMAGE", "MASK") or kind.startswith("SCW_"), kind
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_node_functions_only_translate(node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    lines = inspect.getsource(getattr(cls, cls.FUNCTION)).splitlines()
+    assert len(lines) <= 25, f"{node_id}.{cls.FUNCTION} is {len(lines)} lines (C3: at most 25)"
+
+
+def test_sampler_defaults_are_the_notebooks():
+    c = _all_inputs(sampling.StageCSampler)
+    b = _all_inputs(sampling.StageBSampler)
+    assert [c[k][1]["default"] for k in ("steps", "cfg", "shift", "rescale")] == [20, 4.0, 2.0, 0.7]
+    assert [b[k][1]["default"] for k in ("steps", "cfg", "shift", "rescale")] == [10, 1.1, 1.0, 0.0]
+    assert c["sampler"][0] == list(SAMPLERS) and c["sampler"][1]["default"] == "ddpm"
+
+
+def test_loader_folders_and_dtype_option():
+    assert loaders.StageCLoader.FOLDERS == loaders.StageBLoader.FOLDERS == ("diffusion_models", "unet")
+    assert loaders.StageALoader.FOLDERS == loaders.EffNetLoader.FOLDERS == loaders.PreviewerLoader.FOLDERS == ("vae",)
+    assert loaders.TextEncoderLoader.FOLDERS == ("text_encoders", "clip")
+    assert loaders.PackagedCheckpointLoader.FOLDERS == ("checkpoints",)
+    assert _all_inputs(loaders.StageCLoader)["weight_dtype"][0] == ["default", "bf16", "fp32"]
+
+
+# ---- latents ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width,height,compression,c_hw,b_hw", [
+    (1024, 1024, 42.67, (24, 24), (256, 256)),
+    (1024, 680, 42.67, (16, 24), (170, 256)),
+    (1024, 1024, 32.0, (32, 32), (256, 256)),
+    (1536, 1024, 42.67, (24, 36), (256, 384)),
+])
+def test_empty_latent_sizes(width, height, compression, c_hw, b_hw):
+    stage_c, stage_b = latents.EmptyLatent().generate(width, height, 2, compression)
+    assert stage_c["samples"].shape == (2, 16, *c_hw) and stage_c["scw_stage"] == "c"
+    assert stage_b["samples"].shape == (2, 4, *b_hw) and stage_b["scw_stage"] == "b"
+    assert not stage_c["samples"].any() and not stage_b["samples"].any()
+
+
+def test_empty_latent_rounds_to_multiple_of_8_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        _, stage_b = latents.EmptyLatent().generate(1021, 1024, 1, 42.67)
+    assert stage_b["samples"].shape[-1] == 1024 // 4
+    assert "width 1021 is not a multiple of 8; using 1024" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        _, stage_b = latents.EmptyLatent().generate(1024, 1019, 1, 42.67)
+    assert stage_b["samples"].shape[-2] == 1016 // 4
+
+
+# ---- conditioning -----------------------------------------------------------------------------------
+
+
+def test_text_encode_gives_core_conditioning_format():
+    encoder = host.wrap(demo_network("text_encoder"), "text_encoder")
+    (cond,) = conditioning.TextEncode().encode(encoder, "a red fox in the snow")
+    assert isinstance(cond, list) and len(cond) == 1
+    clip_text, extra = cond[0]
+    width = encoder.module.config.hidden_size
+    assert clip_text.shape == (1, 77, width) and clip_text.dtype == torch.float32
+    assert set(extra) == {"pooled_output"} and extra["pooled_output"].shape == (1, encoder.module.config.projection_dim)
+    (again,) = conditioning.TextEncode().encode(encoder, "a red fox in the snow")
+    torch.testing.assert_close(again[0][0], clip_text, rtol=0, atol=0)
+    (other,) = conditioning.TextEncode().encode(encoder, "")
+    assert not torch.equal(other[0][0], clip_text)
+
+
+def test_missing_text_encoder_is_a_clear_error():
+    absent = common.Absent("text_encoder", "stable_cascade_stage_b.safetensors", "stage_a, stage_b")
+    with pytest.raises(CascadeError, match=r"needs a text encoder, but 'stable_cascade_stage_b.safetensors' does "
+                                           r"not contain one \(it holds stage_a, stage_b\) - connect SCW_TextEncoder"):
+        conditioning.TextEncode().encode(absent, "a fox")
+    with pytest.raises(CascadeError, match="SCW_TextEncode: input 'text_encoder' needs a text encoder and got "
+                                           "nothing - connect"):
+        conditioning.TextEncode().encode(None, "a fox")
+
+
+# ---- validation and bad inputs ------------------------------------------------------------------------
+
+
+def test_denoise_range_matches_the_sampler():
+    """The runner needs 0 < denoise <= 1 and runs `steps` steps from there (ComfyUI's meaning), so the only
+    rule is the declared range: no cross-field rule, no VALIDATE_INPUTS on the samplers."""
+    for cls in (sampling.StageCSampler, sampling.StageBSampler):
+        spec = _all_inputs(cls)["denoise"][1]
+        assert 0 < spec["min"] <= 0.01 and spec["max"] == 1.0
+        assert not hasattr(cls, "VALIDATE_INPUTS")
+
+
+def test_stage_b_latent_into_stage_c_sampler_is_named():
+    _, stage_b = latents.EmptyLatent().generate(1024, 1024, 1, 42.67)
+    cond = [[torch.zeros(1, 77, 64), {"pooled_output": torch.zeros(1, 64)}]]
+    model = host.wrap(demo_network("stage_c"), "stage_c")
+    with pytest.raises(StageMismatchError, match=r"Stage B latent of shape \(1, 4, 256, 256\).*connect the stage_c "
+                                                 "output of SCW_EmptyLatent"):
+        sampling.StageCSampler().sample(model, cond, cond, stage_b, 0, 2, 4.0, 2.0, "ddpm", 0.7, 1.0)
+
+
+def test_untagged_latent_checked_by_channels():
+    core_latent = {"samples": torch.zeros(1, 4, 24, 24)}  # core's latents carry no scw_stage tag
+    with pytest.raises(StageMismatchError, match="expects B x 16 x h x w"):
+        common.latent_samples(core_latent, "c", "latent", "SCW_StageCSampler")
+    assert common.latent_samples({"samples": torch.zeros(1, 16, 24, 24)}, "c", "latent", "x").shape[1] == 16
+
+
+def test_stage_c_latent_into_stage_a_decode_is_named():
+    stage_c, _ = latents.EmptyLatent().generate(1024, 1024, 1, 42.67)
+    model = host.wrap(demo_network("stage_a"), "stage_a")
+    with pytest.raises(StageMismatchError, match="Stage C latent .* connect the stage_b output"):
+        decode.StageADecode().decode(model, stage_c)
+
+
+# ---- loaders ----------------------------------------------------------------------------------------
+
+
+def test_empty_folders_offer_the_demo_network(models):
+    for cls in (loaders.StageCLoader, loaders.StageALoader, loaders.TextEncoderLoader,
+                loaders.PackagedCheckpointLoader):
+        assert _all_inputs(cls)["file_name"][0] == [DEMO_CHOICE]
+
+
+def test_demo_networks_fit_together_and_warn(caplog):
+    with caplog.at_level(logging.WARNING):
+        (handle,) = loaders.StageCLoader().load(DEMO_CHOICE, "default")
+    assert handle.kind == "stage_c" and isinstance(handle.module, StageC)
+    assert "TINY RANDOM Stage C" in caplog.text and "models/diffusion_models/" in caplog.text
+    text = demo_network("text_encoder").config
+    assert handle.module.config.c_clip_text == text.hidden_size
+    assert handle.module.config.c_clip_text_pooled == text.projection_dim
+    a = [p.clone() for p in demo_network("stage_c").parameters()]
+    b = list(demo_network("stage_c").parameters())
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "demo weights are seeded"
+
+
+def test_stage_c_loader_reads_a_file_and_applies_dtype(models):
+    cfg = dataclasses.replace(StageCConfig.tiny(), c_clip_text=64, c_clip_text_pooled=64)
+    torch.manual_seed(0)
+    sd = {k: v.to(torch.bfloat16) for k, v in StageC(cfg).state_dict().items()}
+    save_file(sd, str(models / "diffusion_models" / "tiny_c.safetensors"))
+    choices = _all_inputs(loaders.StageCLoader)["file_name"][0]
+    assert choices == ["tiny_c.safetensors"]
+    (handle,) = loaders.StageCLoader().load("tiny_c.safetensors", "default")
+    assert next(handle.module.parameters()).dtype == torch.bfloat16
+    (handle,) = loaders.StageCLoader().load("tiny_c.safetensors", "fp32")
+    assert next(handle.module.parameters()).dtype == torch.float32
+    assert handle.module.config == cfg
+    with pytest.raises(CascadeError, match="missing.safetensors"):
+        loaders.StageCLoader().load("missing.safetensors", "default")
+
+
+def test_packaged_demo_fills_every_output():
+    outputs = loaders.PackagedCheckpointLoader().load(DEMO_CHOICE, "default")
+    assert [h.kind for h in outputs] == [k for k, _, _ in loaders.PACKAGED_OUTPUTS]
+    assert loaders.PackagedCheckpointLoader.RETURN_TYPES == (
+        "SCW_STAGE_C", "SCW_TEXT_ENCODER", "SCW_EFFNET", "SCW_PREVIEWER", "SCW_CLIP_VISION", "SCW_STAGE_B",
+        "SCW_STAGE_A")
+
+
+def test_packaged_stage_b_file_gives_b_and_a_and_names_what_it_lacks(models):
+    sd = tc.packaged_b(tc.tiny_sd("stage_b"), tc.tiny_sd("stage_a"))
+    tc.save(models / "checkpoints" / "stable_cascade_stage_b.safetensors", sd)
+    outputs = dict(zip(loaders.PackagedCheckpointLoader.RETURN_NAMES,
+                       loaders.PackagedCheckpointLoader().load("stable_cascade_stage_b.safetensors", "default")))
+    assert outputs["stage_b"].kind == "stage_b" and outputs["stage_a"].kind == "stage_a"
+    absent = [name for name, value in outputs.items() if isinstance(value, common.Absent)]
+    assert absent == ["stage_c", "text_encoder", "effnet", "previewer", "clip_vision"]
+    with pytest.raises(CascadeError, match=r"input 'text_encoder' needs a text encoder, but "
+                                           r"'stable_cascade_stage_b.safetensors' does not contain one \(it holds "
+                                           r"stage_a, stage_b\)"):
+        conditioning.TextEncode().encode(outputs["text_encoder"], "a fox")
+
+
+# ---- decode -----------------------------------------------------------------------------------------
+
+
+def test_decoders_return_images_in_range():
+    _, stage_b = latents.EmptyLatent().generate(256, 256, 2, 42.67)
+    stage_b["samples"] = torch.randn(2, 4, 64, 64) * 3
+    stage_a = host.wrap(demo_network("stage_a"), "stage_a")
+    (image,) = decode.StageADecode().decode(stage_a, stage_b)
+    assert image.shape == (2, 256, 256, 3) and image.dtype == torch.float32
+    assert image.min() >= 0 and image.max() <= 1
+    previewer = host.wrap(demo_network("previewer"), "previewer")
+    (preview,) = decode.PreviewerDecode().decode(previewer, {"samples": torch.randn(1, 16, 6, 6)})
+    assert preview.shape == (1, 48, 48, 3) and preview.min() >= 0 and preview.max() <= 1
