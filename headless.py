@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("comfyui_stablecascade.headless")
@@ -32,7 +31,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_WIDGET = "control_after_generate"
 UPLOAD_WIDGET = "upload"
-FRONTEND_ONLY = ("Note", "MarkdownNote")  # drawn by the frontend, never sent to the server
+# Drawn by the frontend and never sent to the server; a PrimitiveNode's value is already in its target's widget.
+FRONTEND_ONLY = ("Note", "MarkdownNote", "PrimitiveNode")
 PASS_THROUGH = ("Reroute",)
 MODE_NEVER, MODE_BYPASS = 2, 4
 
@@ -62,130 +62,16 @@ def _pack_module(name: str) -> Any:
     return importlib.import_module(f"{load_pack().__name__}.{name}")
 
 
-# ---- stand-ins for the core nodes the shipped workflows use -----------------------------------------
-
-
-@dataclass
-class OutputPlan:
-    """Where images go: ``out`` is the exact path for a run that saves one image, else a name stem."""
-
-    directory: str = "output"
-    out: str | None = None
-    written: list[str] = field(default_factory=list)
-
-    def next_path(self, prefix: str) -> str:
-        if self.out:
-            stem, ext = os.path.splitext(self.out)
-            path = self.out if not self.written else f"{stem}_{len(self.written):05}{ext or '.png'}"
-        else:
-            counter = 1
-            while os.path.exists(path := os.path.join(self.directory, f"{prefix}_{counter:05}_.png")):
-                counter += 1
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.written.append(path)
-        return path
-
-
-def save_png(image: Any, path: str, prompt: Mapping | None, extra_pnginfo: Mapping | None) -> None:
-    """One H x W x 3 image in [0, 1] as PNG, with "prompt" and each extra_pnginfo key (ComfyUI: "workflow")
-    as JSON tEXt chunks, the way ComfyUI's SaveImage embeds them."""
-    import numpy as np
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    if prompt is not None:
-        info.add_text("prompt", json.dumps(prompt))
-    for key, value in (extra_pnginfo or {}).items():
-        info.add_text(key, json.dumps(value))
-    pixels = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, pnginfo=info, compress_level=4)
-
-
-class SaveImage:
-    """Stand-in for core's SaveImage (same inputs and widget), writing where the runner says."""
-
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-    FUNCTION = "save_images"
-    CATEGORY = "image"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"images": ("IMAGE", {"tooltip": "The images to save."}),
-                             "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": "File name prefix."})},
-                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
-
-    def save_images(self, images: Any, filename_prefix: str = "ComfyUI", prompt: Mapping | None = None,
-                    extra_pnginfo: Mapping | None = None, output: OutputPlan | None = None) -> dict:
-        output = output or OutputPlan()
-        paths = [output.next_path(filename_prefix) for _ in range(images.shape[0])]
-        for image, path in zip(images, paths):
-            save_png(image, path, prompt, extra_pnginfo)
-            log.info("ComfyUI-StableCascade: wrote %s", path)
-        return {"ui": {"images": paths}}
-
-
-class PreviewImage(SaveImage):
-    """Stand-in for core's PreviewImage: headless there is no canvas, so previews are saved too."""
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"images": ("IMAGE", {"tooltip": "The images to preview."})},
-                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
-
-    def save_images(self, images: Any, prompt: Mapping | None = None, extra_pnginfo: Mapping | None = None,
-                    output: OutputPlan | None = None) -> dict:
-        return super().save_images(images, "preview", prompt, extra_pnginfo, output)
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def load_image_class(input_dir: str) -> type:
-    """A stand-in for core's LoadImage that lists and reads ``input_dir`` (ComfyUI's input folder)."""
-
-    class LoadImage:
-        RETURN_TYPES = ("IMAGE", "MASK")
-        FUNCTION = "load_image"
-        CATEGORY = "image"
-        INPUT_DIR = input_dir
-
-        @classmethod
-        def INPUT_TYPES(cls) -> dict:
-            files = sorted(f for f in os.listdir(cls.INPUT_DIR) if f.lower().endswith(IMAGE_EXTENSIONS)) \
-                if os.path.isdir(cls.INPUT_DIR) else []
-            return {"required": {"image": (files, {"image_upload": True, "tooltip": "An image of the input folder."})}}
-
-        def load_image(self, image: str) -> tuple[Any, Any]:
-            return read_image(os.path.join(self.INPUT_DIR, image))
-
-    return LoadImage
-
-
-def read_image(path: str) -> tuple[Any, Any]:
-    """(IMAGE 1 x H x W x 3 in [0, 1], MASK 1 x H x W) as core's LoadImage gives them (mask = 1 - alpha)."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        if "A" in img.getbands():
-            mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)[None]
-        else:
-            mask = torch.zeros(1, 64, 64)
-    return rgb, mask
-
-
-CORE_STANDINS: dict[str, type] = {"SaveImage": SaveImage, "PreviewImage": PreviewImage,
-                                  "LoadImage": load_image_class("input")}
-
-
 def node_classes(input_dir: str = "input") -> dict[str, type]:
     """Every node the runner knows: the pack's, then the core stand-ins (LoadImage reading ``input_dir``)."""
-    return {**_pack_module("nodes").NODE_CLASS_MAPPINGS, **CORE_STANDINS, "LoadImage": load_image_class(input_dir)}
+    return {**_pack_module("nodes").NODE_CLASS_MAPPINGS, **_standins().core_standins(input_dir)}
+
+
+def _standins() -> Any:
+    return _pack_module("nodes.core_standins")
+
+
+CORE_NODES = ("SaveImage", "PreviewImage", "LoadImage")  # the core node types the runner stands in for
 
 
 # ---- UI format -> API format ------------------------------------------------------------------------
@@ -263,7 +149,7 @@ def _resolve_source(nodes: Mapping[int, dict], links: Mapping, link_id: int | No
         seen.add(link_id)
         src, slot, _, _, ltype = links[link_id]
         node = nodes.get(src)
-        if node is None or node.get("mode") == MODE_NEVER:
+        if node is None or node.get("mode") == MODE_NEVER or node["type"] in FRONTEND_ONLY:
             return None
         if node["type"] in PASS_THROUGH:
             link_id = (node.get("inputs") or [{}])[0].get("link")
@@ -302,7 +188,7 @@ def to_api_prompt(workflow: Mapping, classes: Mapping[str, type]) -> dict[str, d
         cls = classes.get(node["type"])
         if cls is None:
             raise WorkflowError(f"node {node_id}: unknown node type {node['type']!r}; the runner knows the pack's "
-                                f"nodes and the core nodes {sorted(CORE_STANDINS)} - install or replace it")
+                                f"nodes and the core nodes {list(CORE_NODES)} - install or replace it")
         inputs = _widget_values(node, cls)
         for socket in node.get("inputs", []) or []:
             source = _resolve_source(nodes, links, socket.get("link"))
@@ -343,9 +229,10 @@ def _use_demo_for_missing_files(node_id: str, cls: type, inputs: dict) -> None:
     for name, spec in input_specs(cls).items():
         choices = combo_options(spec)
         if choices == [demo] and inputs.get(name) not in (None, demo):
-            log.warning("ComfyUI-StableCascade: node %s (%s): %r is not installed (models/%s is empty); running "
-                        "the tiny random demo network instead.", node_id, getattr(cls, "NODE_ID", cls.__name__),
-                        inputs[name], " and models/".join(getattr(cls, "FOLDERS", ())))
+            node = getattr(cls, "NODE_ID", cls.__name__)
+            log.warning("ComfyUI-StableCascade: node %s (%s): %r is not installed (no weights file in models/%s); "
+                        "running the tiny random demo network instead.", node_id, node, inputs[name],
+                        " or models/".join(getattr(cls, "FOLDERS", ())))
             inputs[name] = demo
 
 
@@ -411,7 +298,7 @@ def _hidden_inputs(cls: type, node_id: str, prompt: dict, workflow: Mapping | No
 
 
 def execute(prompt: dict[str, dict], classes: Mapping[str, type], workflow: Mapping | None = None,
-            output: OutputPlan | None = None) -> dict[str, tuple]:
+            output: Any = None) -> dict[str, tuple]:
     """Run the nodes in dependency order; returns each node's outputs by node id."""
     results: dict[str, tuple] = {}
     for node_id in execution_order(prompt, classes):
@@ -419,10 +306,14 @@ def execute(prompt: dict[str, dict], classes: Mapping[str, type], workflow: Mapp
         cls = classes[entry["class_type"]]
         kwargs = {name: results[v[0]][v[1]] if isinstance(v, list) else v for name, v in entry["inputs"].items()}
         kwargs.update(_hidden_inputs(cls, node_id, prompt, workflow))
-        if issubclass(cls, SaveImage):
+        if issubclass(cls, _standins().SaveImage):
             kwargs["output"] = output
         log.info("ComfyUI-StableCascade: running node %s (%s)", node_id, entry["class_type"])
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        try:
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        except Exception:
+            log.error("ComfyUI-StableCascade: node %s (%s) failed", node_id, entry["class_type"])
+            raise
         results[node_id] = tuple(out.get("result", ()) if isinstance(out, dict) else out)
     return results
 
@@ -479,8 +370,9 @@ def run_workflow(source: str | Mapping, out: str | None = None, output_dir: str 
     prompt = to_api_prompt(workflow, classes) if workflow is not None else data
     if seed is not None:
         override_seed(workflow, prompt, classes, seed)
-    validate(prompt, classes)
-    output = OutputPlan(directory=output_dir, out=out)
+    # As ComfyUI: only what an output needs is checked and run.
+    validate({node_id: prompt[node_id] for node_id in execution_order(prompt, classes)}, classes)
+    output = _standins().OutputPlan(directory=output_dir, out=out)
     execute(prompt, classes, workflow, output)
     demo = _pack_module("nodes.demo").DEMO_CHOICE
     if any(demo in e["inputs"].values() for e in prompt.values()):
@@ -492,20 +384,29 @@ def run_workflow(source: str | Mapping, out: str | None = None, output_dir: str 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a ComfyUI workflow with ComfyUI-StableCascade, no ComfyUI.")
     parser.add_argument("workflow", help="workflow JSON (ComfyUI UI format or API prompt)")
-    parser.add_argument("--models", help="ComfyUI-style models folder (default: env SCW_MODELS_DIR; none: demo networks)")
+    parser.add_argument("--models", help="ComfyUI-style models folder (default: env SCW_MODELS_DIR; with none, the "
+                                         "loaders run tiny random demo networks)")
     parser.add_argument("--out", help="PNG path for the image (a batch adds _00001, _00002... after the first)")
     parser.add_argument("--output-dir", default="output", help="folder for images when --out is not given")
-    parser.add_argument("--input-dir", help="images for LoadImage (default: 'inputs' beside the workflow, else ./input)")
+    parser.add_argument("--input-dir", help="images for LoadImage (default: the 'inputs' folder beside the "
+                                            "workflow, else ./input)")
     parser.add_argument("--seed", type=int, help="override every seed widget of the workflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.models and not os.path.isdir(args.models):
+        log.error("ComfyUI-StableCascade: --models %s is not a folder; give ComfyUI's models folder (the one holding "
+                  "diffusion_models/, vae/, text_encoders/...)", args.models)
+        return 2
+    if not args.models and not os.environ.get("SCW_MODELS_DIR"):
+        log.warning("ComfyUI-StableCascade: no models folder given (--models DIR or env SCW_MODELS_DIR), so every "
+                    "loader runs its tiny random demo network.")
     errors = _pack_module("cascade.errors")
     try:
         paths = run_workflow(args.workflow, out=args.out, output_dir=args.output_dir, seed=args.seed,
                              models=args.models, input_dir=args.input_dir)
-    except (WorkflowError, errors.CascadeError, FileNotFoundError) as exc:
+    except (WorkflowError, errors.CascadeError, FileNotFoundError, json.JSONDecodeError) as exc:
         log.error("ComfyUI-StableCascade: %s", exc)
         return 2
     if not paths:

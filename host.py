@@ -345,6 +345,9 @@ def preview_image(images: torch.Tensor) -> Any:
     return Image.fromarray(img.permute(1, 2, 0).cpu().numpy())
 
 
+preview = preview_image
+
+
 class Progress:
     """Step progress of one node; inside ComfyUI a ``comfy.utils.ProgressBar`` (previews go to the UI)."""
 
@@ -355,14 +358,14 @@ class Progress:
     def update(self, value: int, preview_image: Any = None) -> None:
         """Set progress to ``value`` of ``total``; ``preview_image`` is a PIL image or a (B, 3, H, W) tensor."""
         if isinstance(preview_image, torch.Tensor):
-            preview_image = globals()["preview_image"](preview_image)
+            preview_image = preview(preview_image)
         self.current = min(int(value), self.total)
         self.last_preview = preview_image
         if self._bar is not None:
-            preview = None
+            payload = None
             if preview_image is not None:
-                preview = ("JPEG", preview_image, int(getattr(_comfy_args(), "preview_size", 512)))
-            self._bar.update_absolute(self.current, self.total, preview)
+                payload = ("JPEG", preview_image, int(getattr(_comfy_args(), "preview_size", 512)))
+            self._bar.update_absolute(self.current, self.total, payload)
         elif _PROGRESS_HOOK is not None:
             _PROGRESS_HOOK(self.current, self.total, preview_image)
 

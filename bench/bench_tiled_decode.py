@@ -108,7 +108,8 @@ def main() -> None:
     base = results[0]["increase_mib"]
     print(f"Stage A decode, latent {args.batch}x4x{args.size}x{args.size} -> "
           f"{args.batch}x3x{4 * args.size}x{4 * args.size}, float32, 2 threads, tile {args.tile}")
-    print("| mode | time s | RSS before MiB | peak RSS MiB | peak increase MiB | vs untiled | estimate MiB | max abs diff |")
+    print("| mode | time s | RSS before MiB | peak RSS MiB | peak increase MiB | vs untiled | estimate MiB "
+          "| max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['mode']} | {r['seconds']:.1f} | {r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} | "

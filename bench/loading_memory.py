@@ -37,9 +37,32 @@ def _import_pack() -> None:
     importlib.import_module(f"{PACKAGE}.cascade.loading")
 
 
-def _rss_kb() -> int:
+def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class _AnonPeak:
+    """Samples RssAnon (private memory; file pages mapped by safetensors are page cache, not copies)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kb("RssAnon"))
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> "_AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def write(folder: str, width: int, depth: int) -> dict:
@@ -75,12 +98,13 @@ def measure(path: str) -> None:
     from comfyui_stablecascade.cascade import loading
 
     torch.set_num_threads(2)
-    base = _rss_kb()
-    model = loading.load_stage_c(path)
+    base, base_anon = _status_kb("VmRSS"), _status_kb("RssAnon")
+    with _AnonPeak() as anon:
+        model = loading.load_stage_c(path)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    after = _rss_kb()
     held = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"base_kb": base, "peak_kb": peak, "after_kb": after, "held_bytes": held}))
+    print(json.dumps({"base_kb": base, "peak_kb": peak, "anon_base_kb": base_anon, "anon_peak_kb": anon.peak,
+                      "held_bytes": held}))
 
 
 def main() -> None:
@@ -98,14 +122,16 @@ def main() -> None:
         info = write(folder, args.width, args.depth)
         gb = info["tensor_bytes"] / 2**30
         print(f"Stage C width {args.width}, {info['params'] / 1e6:.0f}M params, {gb:.2f} GiB of bf16 tensors")
-        print("layout     peak above baseline   (x tensor bytes)   held after load")
+        print("layout     peak RSS above baseline (x tensors)   peak private memory (x tensors)   held after load")
         for layout, path in info["files"].items():
             out = subprocess.run([sys.executable, __file__, "--measure", path], capture_output=True, text=True,
                                  check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            extra = (r["peak_kb"] - r["base_kb"]) * 1024
-            print(f"{layout:10s} {extra / 2**30:8.2f} GiB {extra / info['tensor_bytes']:14.2f}x "
-                  f"{r['held_bytes'] / 2**30:12.2f} GiB")
+            rss = (r["peak_kb"] - r["base_kb"]) * 1024
+            anon = (r["anon_peak_kb"] - r["anon_base_kb"]) * 1024
+            t = info["tensor_bytes"]
+            print(f"{layout:10s} {rss / 2**30:8.2f} GiB ({rss / t:.2f}x)          {anon / 2**30:8.2f} GiB "
+                  f"({anon / t:.2f}x)             {r['held_bytes'] / 2**30:.2f} GiB")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -269,7 +269,8 @@ def detect(src: Source) -> Detected:
 
 def _how_to_load(det: Detected) -> str:
     if det.kind == "lora":
-        return "A LoRA is not a network: load the Stage C first, then apply the LoRA with the pack's LoRA node"
+        return ("A LoRA is not a network: load the Stage C first, then apply the LoRA with the pack's LoRA node, "
+                "'Load Stage C LoRA (SCW)'")
     key = "packaged" if det.parts else det.kind
     if key not in LOADERS:
         return "This pack has no loader for it"

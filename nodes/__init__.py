@@ -14,6 +14,7 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         continue
     _clash = set(NODE_CLASS_MAPPINGS) & set(_family.NODE_CLASS_MAPPINGS)
     if _clash:
-        raise RuntimeError(f"ComfyUI-StableCascade: node ids defined twice: {sorted(_clash)} (in nodes/{_info.name}.py)")
+        raise RuntimeError(f"ComfyUI-StableCascade: node ids defined twice: {sorted(_clash)} "
+                           f"(in nodes/{_info.name}.py)")
     NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(getattr(_family, "NODE_DISPLAY_NAME_MAPPINGS", {}))

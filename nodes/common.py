@@ -53,8 +53,8 @@ def require(value: Any, socket: str, node: str, what: str, fix: str) -> Any:
 def latent_samples(latent: Any, stage: str, socket: str, node: str) -> torch.Tensor:
     """The samples of a LATENT checked to belong to ``stage`` ("c" or "b") by tag and channel count."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise CascadeError(f"{node}: input {socket!r} expects a LATENT dict with 'samples', got {type(latent).__name__}"
-                           " - connect a LATENT output (e.g. SCW_EmptyLatent)")
+        raise CascadeError(f"{node}: input {socket!r} expects a LATENT dict with 'samples', got "
+                           f"{type(latent).__name__} - connect a LATENT output (e.g. SCW_EmptyLatent)")
     samples = latent["samples"]
     other = "b" if stage == "c" else "c"
     tagged_other = latent.get("scw_stage") == other

@@ -60,8 +60,8 @@ class TextEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "text_encoder": ("SCW_TEXT_ENCODER", {"tooltip": "From SCW_TextEncoderLoader or the text_encoder "
-                                                             "output of SCW_PackagedCheckpointLoader (Stage C file)."}),
+            "text_encoder": ("SCW_TEXT_ENCODER", {"tooltip": "From SCW_TextEncoderLoader or the text_encoder output "
+                                                             "of SCW_PackagedCheckpointLoader (Stage C file)."}),
             "text": ("STRING", {"default": "", "multiline": True, "dynamicPrompts": True,
                                 "tooltip": "The prompt. CLIP reads the first 77 tokens; longer prompts are cut "
                                            "(logged)."}),

@@ -11,22 +11,15 @@ from ..cascade import tiling
 from .common import category, images_from_bchw, latent_samples, mappings, require
 
 CATEGORY = category("decode")
-# Used only until host offers free_memory() (requested from the host owner): a conservative default.
-_FALLBACK_BUDGET = 1 << 30
-
-
-def decode_budget() -> int:
-    """Bytes Stage A's decode may use on the compute device before it tiles."""
-    free_memory = getattr(host, "free_memory", None)
-    return int(free_memory()) if free_memory is not None else _FALLBACK_BUDGET
 
 
 def decode_stage_a(stage_a: Any, z: torch.Tensor) -> torch.Tensor:
-    """Stage B latent (SC_B storage convention) -> B x 3 x H x W, tiled when the whole image would not fit."""
-    host.load([stage_a])
+    """Stage B latent (SC_B storage convention) -> B x 3 x H x W. The host is asked to make room for a whole
+    decode (offloading other networks); if that still does not fit, the decode runs in tiles."""
     module = host.module_of(stage_a)
-    z = z.to(host.compute_device(), module.dtype)
-    return tiling.decode_auto(module, z, decode_budget(), raw=True)
+    host.load([stage_a], tiling.estimate_decode_memory(module.config, tuple(z.shape), module.dtype))
+    weight = next(module.parameters())
+    return tiling.decode_auto(module, z.to(weight.device, weight.dtype), host.free_memory(weight.device), raw=True)
 
 
 def decode_previewer(previewer: Any, z: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ WHERE = {
     "previewer": ("Previewer", "previewer.safetensors", "vae"),
     "text_encoder": ("CLIP ViT-bigG text encoder", "text_encoder/model.safetensors of stabilityai/stable-cascade",
                      "text_encoders"),
-    "clip_vision": ("CLIP ViT-L/14 vision model", "image_encoder/model.safetensors of stabilityai/stable-cascade-prior",
-                    "clip_vision"),
+    "clip_vision": ("CLIP ViT-L/14 vision model",
+                    "image_encoder/model.safetensors of stabilityai/stable-cascade-prior", "clip_vision"),
 }
 
 

@@ -23,14 +23,15 @@ from ..cascade.errors import CascadeError, ShapeError
 from ..samplers import cascade
 from ..samplers.cascade import CLIP_IMG_KEY
 from ..samplers.img2img import NOISING_MODES
-from .conditioning import merge_entries
 from .common import category, latent_samples, mappings, require, stage_latent
+from .conditioning import merge_entries
 from .latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, latent_sizes, snap_size
 from .sampling import schedule_inputs
 
 log = logging.getLogger(__name__)
 
 CATEGORY = category("image")
+MIN_OUTPUT = 256  # SCW_EmptyLatent's minimum width and height
 I2I_DEFAULTS = {"steps": 16, "cfg": 4.0, "shift": 2.0, "rescale": 0.7}  # notebook: int(20 * 0.8) steps from 0.8
 _EFFNET_FIX = "connect SCW_EffNetLoader (or the effnet output of SCW_PackagedCheckpointLoader with the Stage C file)"
 _CLIP_FIX = "connect SCW_ClipVisionLoader (openai/clip-vit-large-patch14 in models/clip_vision)"
@@ -57,7 +58,7 @@ def effnet_encode(effnet: Any, x: torch.Tensor) -> torch.Tensor:
     return z.float().to(host.intermediate_device())
 
 
-def clip_image_embeds(clip_vision: Any, images: torch.Tensor) -> torch.Tensor:
+def encode_clip_images(clip_vision: Any, images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE (N, H, W, 3) -> CLIP ViT-L image_embeds (N, 768), float32 on the intermediate device."""
     module, _ = _module_on_device(clip_vision)
     return module.encode(images).float().to(host.intermediate_device())
@@ -151,7 +152,7 @@ class ClipVisionEncode:
     def encode(self, conditioning: list, clip_vision: Any, image: torch.Tensor, strength: float) -> tuple[list]:
         model = require(clip_vision, "clip_vision", self.NODE_ID, "a CLIP vision model", _CLIP_FIX)
         image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
-        embeds = clip_image_embeds(model, image[..., :3])
+        embeds = encode_clip_images(model, image[..., :3])
         return (attach_image_embeds(conditioning, embeds, strength),)
 
 
@@ -178,14 +179,22 @@ class StageCEncode:
                                       "tooltip": "Pixels per Stage C cell, as in SCW_EmptyLatent (42.67 official)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width: int | None = None, height: int | None = None) -> bool | str:
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and 0 < value < MIN_OUTPUT:
+                return (f"{name} {value} is too small for Stage C - use 0 (the image's own {name}) or at least "
+                        f"{MIN_OUTPUT}, as SCW_EmptyLatent allows")
+        return True
+
     def encode(self, effnet: Any, image: torch.Tensor, width: int, height: int,
                compression: float = DEFAULT_COMPRESSION) -> tuple[dict, dict]:
         model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", _EFFNET_FIX)
         x = input_pixels(image, self.NODE_ID)
         height = snap_size(height or x.shape[-2], "height")
         width = snap_size(width or x.shape[-1], "width")
-        (h_c, w_c), (h_b, w_b) = latent_sizes(width, height, compression)
-        pixels = image_ops.resize_cover(x, 32 * h_c, 32 * w_c)
+        _, (h_b, w_b) = latent_sizes(width, height, compression)
+        pixels = image_ops.resize_cover(x, *image_ops.effnet_input_size(height, width, compression))
         stage_c = effnet_encode(model, pixels)
         stage_b = torch.zeros(x.shape[0], 4, h_b, w_b)
         return stage_latent(stage_c, "c"), stage_latent(stage_b, "b")
@@ -307,12 +316,13 @@ class ImageCompare:
             "image": ("IMAGE", {"tooltip": "The image to measure, same width and height as the reference."}),
             "gain": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 100.0, "step": 0.5,
                                "tooltip": "Multiplies the absolute difference in the output image."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def compare(self, reference: torch.Tensor, image: torch.Tensor, gain: float = 4.0) -> dict:
+    def compare(self, reference: torch.Tensor, image: torch.Tensor, gain: float = 4.0,
+                unique_id: str | None = None) -> dict:
         psnr, ssim, overall = comparison(reference, image)
         report = comparison_report(psnr, ssim, overall)
-        log.info("ComfyUI-StableCascade: image comparison\n%s", report)
+        log.info("ComfyUI-StableCascade: image comparison (node %s)\n%s", unique_id or "?", report)
         diff = ((image[..., :3].float() - reference[..., :3].float()).abs() * gain).clamp(0.0, 1.0)
         return {"ui": {"text": [report]}, "result": (diff,)}
 

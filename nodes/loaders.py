@@ -22,7 +22,7 @@ _DTYPE_TIP = ("Weight dtype: 'default' keeps the file's dtype; 'bf16' halves mem
 
 
 def file_choices(folders: tuple[str, ...]) -> list[str]:
-    """The files of the first existing folders, or the demo choice when there are none."""
+    """The weights files of these model folders, or just the demo choice when they hold none."""
     return list(host.model_files(folders)) or [DEMO_CHOICE]
 
 

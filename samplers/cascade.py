@@ -233,9 +233,14 @@ def initial_state(x0: torch.Tensor, noise: torch.Tensor, logsnrs: torch.Tensor, 
     raise CascadeError(f"image-to-image noising {variant!r} is unknown; use 'consistent' or 'official'")
 
 
-def _run(module, network_fn, cond, uncond, x0_in, *, seed, steps, cfg, shift, sampler, rescale, denoise,
+def _device(handle: Any, module: torch.nn.Module) -> torch.device:
+    """Where the network computes: its patcher's load device (in low-VRAM mode some weights stay offloaded)."""
+    patcher = getattr(handle, "patcher", None)
+    return torch.device(patcher.load_device) if patcher is not None else next(module.parameters()).device
+
+
+def _run(dev, network_fn, cond, uncond, x0_in, *, seed, steps, cfg, shift, sampler, rescale, denoise,
          batch_index, callback_extra, noising) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = next(module.parameters()).device
     logsnrs = schedule.logsnr_schedule(int(steps), shift=float(shift), t_start=float(denoise)).to(dev)
     noise = prepare_noise(x0_in.float(), seed, batch_index).to(dev)
     x = initial_state(x0_in.float().to(dev), noise, logsnrs, float(denoise), noising)
@@ -311,16 +316,16 @@ def sample_stage_c(handle: Any, positive: list, negative: list | None, latent: A
     prev_module = host.module_of(previewer) if previewer is not None else None
 
     def preview(x0: torch.Tensor) -> torch.Tensor:
-        weight = next(prev_module.parameters())
+        dtype = next(prev_module.parameters()).dtype
         with torch.no_grad():
-            return prev_module(x0[:1].to(weight.device, weight.dtype)).float()
+            return prev_module(x0[:1].to(_device(previewer, prev_module), dtype)).float()
 
     handles = [handle, previewer] if isinstance(previewer, host.ModelHandle) else [handle]
     with host.using([h for h in handles if isinstance(h, host.ModelHandle)], memory):
-        dev = next(module.parameters()).device
+        dev = _device(handle, module)
         cond = _cast_cond(cond, dev, dtype)
         uncond = _cast_cond(uncond, dev, dtype) if uncond is not None else None
-        x, x0 = _run(module, _net_fn(module), cond, uncond, samples, seed=seed, steps=steps, cfg=cfg, shift=shift,
+        x, x0 = _run(dev, _net_fn(module), cond, uncond, samples, seed=seed, steps=steps, cfg=cfg, shift=shift,
                      sampler=sampler, rescale=rescale, denoise=denoise, batch_index=batch_index,
                      callback_extra=preview if prev_module is not None else None, noising=noising)
     return (x if return_state else x0).to(host.intermediate_device())
@@ -367,10 +372,10 @@ def sample_stage_b(handle: Any, positive: list, negative: list | None, stage_c_l
     dtype = next(module.parameters()).dtype
     memory = estimate_stage_b_memory(cfgb, tuple(samples.shape), dtype, guided)
     with host.using([handle] if isinstance(handle, host.ModelHandle) else [], memory):
-        dev = next(module.parameters()).device
+        dev = _device(handle, module)
         cond = _cast_cond(cond, dev, dtype)
         uncond = _cast_cond(uncond, dev, dtype) if uncond is not None else None
-        x, x0 = _run(module, _net_fn(module), cond, uncond, samples / SCALE_FACTOR, seed=seed, steps=steps, cfg=cfg,
+        x, x0 = _run(dev, _net_fn(module), cond, uncond, samples / SCALE_FACTOR, seed=seed, steps=steps, cfg=cfg,
                      shift=shift, sampler=sampler, rescale=rescale, denoise=denoise, batch_index=batch_index,
                      callback_extra=None, noising=noising)
     return ((x if return_state else x0) * SCALE_FACTOR).to(host.intermediate_device())

@@ -1,8 +1,8 @@
 """Image-to-image start point: an encoded latent noised to the level where sampling begins (SPEC §11).
 
-``denoise`` is the official ``t_start`` (0.8 in the notebook): the sampler walks ``int(steps * denoise)``
-steps over ``linspace(t_start, 0, n + 1)``, so 20 steps at 0.8 run 16 steps on the same 0.05 grid as a full
-20-step run (the notebook's ``timesteps = int(20 * 0.8)``).
+``denoise`` is the official ``t_start`` (0.8 in the notebook). The notebook then runs ``int(20 * 0.8)``
+= 16 steps over ``linspace(0.8, 0, 17)``, the same 0.05 grid as a full 20-step run. The SCW samplers run
+all their ``steps`` from t_start, so the notebook's run is steps 16, denoise 0.8 (``steps_to_run(20, 0.8)``).
 
 Two ways to noise the latent before the first step:
 
@@ -31,7 +31,7 @@ OFFICIAL_NOISE_SHIFT = 1.0  # gdf.diffuse's default shift, used by the notebook'
 
 
 def steps_to_run(steps: int, denoise: float) -> int:
-    """The number of sampler steps for a partial run: int(steps * denoise) (official int(20 * 0.8) = 16)."""
+    """The steps the notebook runs when it starts at denoise: int(steps * denoise) (int(20 * 0.8) = 16)."""
     return int(steps * denoise)
 
 
@@ -48,16 +48,6 @@ def noise_shift(noising: str, sampler_shift: float) -> float:
 def start_logsnr(t_start: float, noising: str, sampler_shift: float) -> torch.Tensor:
     """logSNR the start latent is noised to (a float32 0-dim tensor)."""
     return logsnr(float(t_start), noise_shift(noising, sampler_shift))
-
-
-def check_denoise(denoise: float, steps: int) -> None:
-    """CascadeError unless 0 < denoise <= 1 and at least one step runs."""
-    if not 0.0 < denoise <= 1.0 or steps_to_run(steps, denoise) < 1:
-        raise CascadeError(
-            f"image-to-image: denoise {denoise} with {steps} steps runs {max(0, steps_to_run(steps, denoise))} "
-            f"steps; expected 0 < denoise <= 1 and steps x denoise >= 1 - raise denoise to at least "
-            f"{1 / max(1, steps):.3g} or use more steps"
-        )
 
 
 def noise_latent(latent: torch.Tensor, noise: torch.Tensor, t_start: float, noising: str = "official",

@@ -96,12 +96,12 @@ def test_effnet_stem_is_padding_free_for_non_rgb_inputs():
 def test_effnet_output_list():
     cfg = ControlNetConfig.tiny(c_proj=40, c_in=4)
     net, sd = _build(cfg)
-    x = torch.rand(2, 4, 256, 192, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(2, 4, 128, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = net(x)
     assert len(out) == 64
     assert [i for i, o in enumerate(out) if o is not None] == list(RELEASE_PROJ_BLOCKS)
-    assert all(o.shape == (2, 40, 8, 6) for o in out if o is not None)
+    assert all(o.shape == (2, 40, 4, 3) for o in out if o is not None)
     # each projection is Conv1x1 -> LeakyReLU(0.2) -> Conv1x1 on the shared backbone output
     with torch.no_grad():
         h = net.backbone(x)
@@ -148,13 +148,13 @@ def test_bad_input_channels():
 def test_batchnorm_eval_and_bf16():
     net, _ = _build(ControlNetConfig.tiny(c_in=1))
     assert all(not m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    x = torch.rand(3, 1, 96, 64, generator=torch.Generator().manual_seed(3))
+    x = torch.rand(2, 1, 64, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(net(x)[0][:1], net(x[:1])[0], rtol=1e-4, atol=1e-5)
     net16, _ = _build(ControlNetConfig.tiny(c_in=1), dtype=torch.bfloat16)
     with torch.no_grad():
-        out16 = net16(x.to(torch.bfloat16))[4]
-        out32 = net(x)[4]
+        out16 = net16(x[:1].to(torch.bfloat16))[4]  # CPU bf16 convs take a slow path: keep it small
+        out32 = net(x[:1])[4]
     assert out16.dtype == torch.bfloat16
     assert (out16.float() - out32).norm() / out32.norm() < 0.1
 

@@ -178,7 +178,7 @@ def test_batchnorm_in_eval_mode(cls, cfg, shape):
         torch.testing.assert_close(net(x)[:1], net(x[:1]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls,cfg,shape", [(EfficientNetEncoder, EffNetConfig.tiny(), (1, 3, 64, 64)),
+@pytest.mark.parametrize("cls,cfg,shape", [(EfficientNetEncoder, EffNetConfig.tiny(), (1, 3, 64, 32)),
                                            (Previewer, PreviewerConfig.tiny(), (1, 16, 4, 4))])
 def test_bf16_weights_and_input_give_bf16_output(cls, cfg, shape):
     net16, _ = _build(cls, cfg, dtype=torch.bfloat16)

@@ -209,3 +209,77 @@ def test_model_path_without_models_dir_names_the_setting(monkeypatch):
 def test_load_rejects_bare_modules():
     with pytest.raises(CascadeError, match="host.wrap"):
         host.load([nn.Linear(2, 2)])
+
+
+_COMFY_SCRIPT = r'''
+import os, sys, tempfile, types
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+try:
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.model_management as mm, comfy.utils, folder_paths
+except Exception as e:  # a checkout without its dependencies (torchvision, psutil, einops...)
+    print(f"cannot import ComfyUI: {type(e).__name__}: {e}")
+    sys.exit(3)
+import torch
+from torch import nn
+pack = types.ModuleType("comfyui_stablecascade")
+pack.__path__ = [os.environ["SCW_ROOT"]]
+sys.modules["comfyui_stablecascade"] = pack
+from comfyui_stablecascade import host
+assert host.in_comfyui()
+ops = host.operations()
+net = nn.Sequential(ops.Linear(8, 8), nn.GELU(), ops.Linear(8, 4))
+with torch.no_grad():
+    for p in net.parameters():
+        p.copy_(torch.randn_like(p))
+base = host.wrap(net, "stage_c")
+assert type(base.patcher).__name__ == "ModelPatcher"
+w0 = net[0].weight.detach().clone()
+lora = base.clone()
+lora.add_patches({"0.weight": torch.ones(8, 8)}, strength=0.5, key="a")
+lora.add_patches({"0.weight": lambda w: torch.full_like(w, 2.0)}, key="b")
+host.load([lora], memory_required=1 << 20)
+assert torch.allclose(net[0].weight, w0 + 2.5)
+host.load([base])
+assert torch.equal(net[0].weight, w0)
+lora.remove_patches("b")
+assert lora.patch_keys() == ["a"]
+seen = []
+comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append((v, t, p)))
+host.progress(2).update(1, torch.rand(1, 3, 8, 8))
+assert seen[0][:2] == (1, 2) and seen[0][2][0] == "JPEG" and seen[0][2][1].size == (8, 8)
+mm.interrupt_current_processing(True)
+try:
+    host.check_interrupt()
+    raise AssertionError("no interrupt")
+except mm.InterruptProcessingException:
+    pass
+d = tempfile.mkdtemp()
+for name in ("a.safetensors", "b.ckpt"):
+    open(os.path.join(d, name), "w").close()
+folder_paths.add_model_folder_path("diffusion_models", d)
+assert host.model_files(["diffusion_models", "unet"]) == ["a.safetensors"]
+assert host.model_path(["unet"], "a.safetensors") == os.path.join(d, "a.safetensors")
+print("OK")
+'''
+
+
+@pytest.mark.comfyui
+def test_comfyui_branch_against_a_checkout(tmp_path):
+    """host's ComfyUI branch with a real ComfyUI (COMFYUI_PATH), in a subprocess so comfy stays out of this one."""
+    import subprocess
+    import sys
+
+    checkout = os.environ.get("COMFYUI_PATH")
+    if not checkout:
+        pytest.skip("COMFYUI_PATH is not set (a ComfyUI checkout with its dependencies)")
+    env = {**os.environ, "SCW_ROOT": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env.pop("SCW_NO_COMFY", None)
+    script = tmp_path / "check.py"
+    script.write_text(_COMFY_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr

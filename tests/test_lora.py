@@ -10,6 +10,8 @@ up @ down; the tests do that on the split weights and concatenate.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
@@ -426,3 +428,74 @@ def test_nodes_demo_choice_and_token_validation(stage_c, encoder):
     assert c.patch_keys() == ["scw_lora:demo LoRA"] and "[fernando]" in te.module.added_tokens
     (c_only,) = LoraLoaderModelOnly().apply(stage_c, DEMO_CHOICE, 0.5)
     assert c_only.patch_keys() == ["scw_lora:demo LoRA"] and stage_c.patch_keys() == []
+
+
+# ---- ComfyUI core's own LoRA loader on the same weights (opt-in: COMFYUI_PATH and ComfyUI's Python) -------
+
+
+@pytest.fixture(scope="module")
+def comfy_core():
+    root = os.environ.get("COMFYUI_PATH", "")
+    if not root or not os.path.isdir(os.path.join(root, "comfy")):
+        pytest.skip("COMFYUI_PATH does not name a ComfyUI checkout: the parity test with ComfyUI core's LoRA loader "
+                    "needs one (run with ComfyUI's Python, see docs/COMFYUI_INTEGRATION.md)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import comfy.lora
+        import comfy.model_base
+        import comfy.model_patcher
+        import comfy.sd
+        import comfy.supported_models
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI does not import with {sys.executable} ({exc}); run with ComfyUI's Python")
+    return comfy
+
+
+def _comfy_stage_c(comfy, model: StageC):
+    """ComfyUI core's own Stage C (split to_q/to_k/to_v) holding ``model``'s weights, under a ModelPatcher."""
+    cfg = model.config
+    unet_config = {
+        "stable_cascade_stage": "c", "c_in": cfg.c_in, "c_out": cfg.c_out, "c_r": cfg.c_r, "c_cond": cfg.c_cond,
+        "c_hidden": list(cfg.c_hidden), "nhead": list(cfg.nhead), "blocks": [list(b) for b in cfg.blocks],
+        "block_repeat": [list(b) for b in cfg.block_repeat], "level_config": list(cfg.level_config),
+        "c_clip_text": cfg.c_clip_text, "c_clip_text_pooled": cfg.c_clip_text_pooled, "c_clip_img": cfg.c_clip_img,
+        "c_clip_seq": cfg.c_clip_seq, "kernel_size": cfg.kernel_size, "dropout": list(cfg.dropout),
+        "self_attn": cfg.self_attn, "t_conds": list(cfg.t_conds), "switch_level": [False],
+    }
+    config = comfy.supported_models.Stable_Cascade_C(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    base = comfy.model_base.StableCascade_C(config, device="cpu")
+    base.diffusion_model.load_state_dict(config.process_unet_state_dict(_snapshot(model)), strict=True)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+@pytest.mark.comfyui
+def test_community_lora_matches_comfyui_core_loader(stage_c, comfy_core):
+    comfy = comfy_core
+    base = _snapshot(stage_c.module)
+    sd, _ = _community_file(stage_c.module, torch.Generator().manual_seed(9), rank=2, alpha=1.5)
+    s = 0.8
+    core_patcher, _ = comfy.sd.load_lora_for_models(_comfy_stage_c(comfy, stage_c.module), None, sd, s, 0)
+    core_patcher.patch_model()
+    try:
+        core = {k[len("diffusion_model."):]: v.detach().clone() for k, v in core_patcher.model.state_dict().items()
+                if k.startswith("diffusion_model.")}
+    finally:
+        core_patcher.unpatch_model()
+    patched, _ = L.apply_lora(stage_c, None, parse_lora(sd, "community"), strength_model=s)
+    ours = _weights_as_loaded(patched)
+    changed = 0
+    for key, value in ours.items():
+        if key.endswith("in_proj_weight") or key.endswith("in_proj_bias"):
+            stem, suffix = key.rsplit("in_proj_", 1)
+            want = torch.cat([core[f"{stem}to_{n}.{suffix}"] for n in "qkv"])
+        else:
+            want = core[key]
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6, msg=key)
+        changed += not torch.equal(value, base[key])
+    assert changed >= len(L.official_target_keys(stage_c.module)) + 7

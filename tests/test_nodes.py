@@ -7,6 +7,7 @@ below checks image quality, only what each node promises about its sockets.
 import dataclasses
 import inspect
 import logging
+import os
 
 import pytest
 import torch
@@ -132,7 +133,8 @@ def test_text_encode_gives_core_conditioning_format():
     clip_text, extra = cond[0]
     width = encoder.module.config.hidden_size
     assert clip_text.shape == (1, 77, width) and clip_text.dtype == torch.float32
-    assert set(extra) == {"pooled_output"} and extra["pooled_output"].shape == (1, encoder.module.config.projection_dim)
+    assert set(extra) == {"pooled_output"}
+    assert extra["pooled_output"].shape == (1, encoder.module.config.projection_dim)
     (again,) = conditioning.TextEncode().encode(encoder, "a red fox in the snow")
     torch.testing.assert_close(again[0][0], clip_text, rtol=0, atol=0)
     (other,) = conditioning.TextEncode().encode(encoder, "")
@@ -147,6 +149,54 @@ def test_missing_text_encoder_is_a_clear_error():
     with pytest.raises(CascadeError, match="SCW_TextEncode: input 'text_encoder' needs a text encoder and got "
                                            "nothing - connect"):
         conditioning.TextEncode().encode(None, "a fox")
+
+
+def test_combined_conditioning_is_merged_for_the_samplers():
+    a = [[torch.randn(1, 77, 8), {"pooled_output": torch.ones(1, 8)}]]
+    b = [[torch.randn(1, 77, 8), {"pooled_output": 3 * torch.ones(1, 8)}]]
+    assert conditioning.merge_entries(a) is a
+    (merged,) = conditioning.merge_entries(a + b)  # what core's ConditioningCombine gives
+    assert torch.equal(merged[0], torch.cat([a[0][0], b[0][0]], dim=1))
+    assert torch.equal(merged[1]["pooled_output"], 2 * torch.ones(1, 8))
+
+
+def _demo_cond(text, encoder):
+    return conditioning.TextEncode().encode(encoder, text)[0]
+
+
+def test_samplers_run_on_core_combined_conditioning_and_cascade_node_matches_the_pair():
+    encoder = host.wrap(demo_network("text_encoder"), "text_encoder")
+    stage_c = host.wrap(demo_network("stage_c"), "stage_c")
+    stage_b = host.wrap(demo_network("stage_b"), "stage_b")
+    positive, negative = _demo_cond("a fox", encoder), _demo_cond("", encoder)
+    c_latent, b_latent = latents.EmptyLatent().generate(256, 256, 1, 42.67)
+    combined = positive + _demo_cond("snow", encoder)
+    (out_c,) = sampling.StageCSampler().sample(stage_c, combined, negative, c_latent, 1, 2, 4.0, 2.0, "ddpm", 0.7, 1.0)
+    assert out_c["samples"].shape == (1, 16, 6, 6) and out_c["scw_stage"] == "c"
+    assert torch.isfinite(out_c["samples"]).all()
+    (pc,) = sampling.StageCSampler().sample(stage_c, positive, negative, c_latent, 5, 2, 4.0, 2.0, "ddpm", 0.7, 1.0)
+    (pb,) = sampling.StageBSampler().sample(stage_b, positive, negative, pc, b_latent, 5, 2, 1.1, 1.0, "ddpm", 0.0,
+                                            1.0)
+    both = sampling.CascadeSampler().sample(stage_c, stage_b, positive, negative, c_latent, b_latent, 5, "ddpm",
+                                            2, 4.0, 2, 1.1)
+    assert torch.equal(both[0]["samples"], pc["samples"]) and torch.equal(both[1]["samples"], pb["samples"])
+    assert pb["samples"].shape == (1, 4, 64, 64) and pb["scw_stage"] == "b"
+
+
+def test_stage_c_sampler_previews_with_a_previewer():
+    encoder = host.wrap(demo_network("text_encoder"), "text_encoder")
+    cond = _demo_cond("a fox", encoder)
+    c_latent, _ = latents.EmptyLatent().generate(256, 256, 1, 42.67)
+    seen = []
+    host.set_progress_hook(lambda value, total, preview: seen.append((value, total, preview)))
+    try:
+        sampling.StageCSampler().sample(host.wrap(demo_network("stage_c"), "stage_c"), cond, cond, c_latent, 0, 2,
+                                        4.0, 2.0, "ddpm", 0.7, 1.0, previewer=host.wrap(demo_network("previewer"),
+                                                                                          "previewer"))
+    finally:
+        host.set_progress_hook(None)
+    assert [(v, t) for v, t, _ in seen] == [(1, 2), (2, 2)]
+    assert all(p is not None and p.size == (48, 48) for _, _, p in seen)
 
 
 # ---- validation and bad inputs ------------------------------------------------------------------------
@@ -257,3 +307,16 @@ def test_decoders_return_images_in_range():
     previewer = host.wrap(demo_network("previewer"), "previewer")
     (preview,) = decode.PreviewerDecode().decode(previewer, {"samples": torch.randn(1, 16, 6, 6)})
     assert preview.shape == (1, 48, 48, 3) and preview.min() >= 0 and preview.max() <= 1
+
+
+def test_nodes_md_names_every_node_and_input():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "NODES.md")
+    with open(path, encoding="utf-8") as f:
+        sections = f.read().split("\n### ")
+    by_id = {s.split("`")[1]: s for s in sections[1:]}
+    assert set(by_id) == set(NODE_CLASS_MAPPINGS)
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        for name in _all_inputs(cls):
+            assert f"| `{name}`" in by_id[node_id], f"docs/NODES.md: {node_id} lacks input {name}"
+        for name in cls.RETURN_NAMES:
+            assert f"`{name}` (" in by_id[node_id], f"docs/NODES.md: {node_id} lacks output {name}"

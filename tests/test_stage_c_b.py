@@ -255,3 +255,20 @@ def test_operations_namespace_is_used():
         convs = [m for m in net.modules() if type(m) in (nn.Conv2d, CountingConv)]
         assert linears and all(isinstance(m, CountingLinear) for m in linears)
         assert convs and all(isinstance(m, CountingConv) for m in convs)
+
+
+def test_host_operations_path_matches():
+    """Layers whose forward a host overrides (ComfyUI's cast/offload ops) are called as modules; the result
+    must equal the fast path that reads plain Linear weights directly."""
+
+    class HostLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    ops = SimpleNamespace(Linear=HostLinear, Conv2d=nn.Conv2d, ConvTranspose2d=nn.ConvTranspose2d)
+    for cls, cfg, inp in [(StageC, C_CFG, _c_inputs(h=6, w=9)), (StageB, B_CFG, _b_inputs(h=24, w=40))]:
+        plain, sd = _build(cls, cfg, seed=7)
+        host = cls(cfg, device="meta", operations=ops)
+        host.load_state_dict(sd, assign=True)
+        with torch.no_grad():
+            torch.testing.assert_close(host(**inp), plain(**inp), rtol=0, atol=1e-5)

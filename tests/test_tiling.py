@@ -30,7 +30,8 @@ def _latent(*shape, seed=1):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("shape,tile,chunk", [((2, 4, 21, 27), 12, None), ((3, 4, 23, 9), 10, 2), ((1, 4, 9, 9), 5, 1)])
+@pytest.mark.parametrize("shape,tile,chunk", [
+    ((2, 4, 21, 27), 12, None), ((3, 4, 23, 9), 10, 2), ((1, 4, 9, 9), 5, 1)])
 def test_tiled_matches_untiled_on_odd_sizes(stage_a, shape, tile, chunk):
     z = _latent(*shape)
     ref = stage_a.decode(z)

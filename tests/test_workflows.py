@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW_DIR = os.path.join(ROOT, "workflows")
 WORKFLOWS = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
 # Core nodes the shipped workflows may use; the runner has a stand-in for each.
-KNOWN_CORE = set(headless.CORE_STANDINS)
+KNOWN_CORE = set(headless.CORE_NODES)
 # Sizes small enough for the end-to-end run on 2 CPU cores; the wiring, not the pixels, is under test.
 FAST_SIZE = 256
 FAST_STEPS = 2
@@ -161,13 +161,14 @@ def test_runs_end_to_end_on_demo_networks(name, empty_models, tmp_path, caplog):
             assert slot != "seed" or value == 7
 
 
-def test_text_to_image_image_size_and_determinism(empty_models, tmp_path):
+def test_text_to_image_size_determinism_and_png_round_trip(empty_models, tmp_path):
     wf = _fast(_load("text_to_image.json"))
     first = headless.run_workflow(wf, out=str(tmp_path / "a.png"))
-    second = headless.run_workflow(wf, out=str(tmp_path / "b.png"))
-    a, b = Image.open(first[0]), Image.open(second[0])
+    a = Image.open(first[0])
     assert a.size == (FAST_SIZE, FAST_SIZE)
-    assert a.tobytes() == b.tobytes()
+    # The workflow embedded in the PNG runs again to the same image (what dragging it back into ComfyUI does).
+    second = headless.run_workflow(json.loads(a.text["workflow"]), out=str(tmp_path / "b.png"))
+    assert Image.open(second[0]).tobytes() == a.tobytes()
     third = headless.run_workflow(wf, out=str(tmp_path / "c.png"), seed=123)
     assert Image.open(third[0]).tobytes() != a.tobytes()
 
@@ -276,6 +277,16 @@ def test_unknown_node_type_is_named():
     wf["nodes"][0]["type"] = "StableCascade_Mystery"
     with pytest.raises(headless.WorkflowError, match="unknown node type 'StableCascade_Mystery'"):
         headless.to_api_prompt(wf, _classes())
+
+
+def test_cli_reports_a_bad_workflow_without_traceback(tmp_path, caplog):
+    wf = _load("text_to_image.json")
+    wf["nodes"][0]["type"] = "StableCascade_Mystery"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(wf))
+    assert headless.main([str(path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown node type 'StableCascade_Mystery'" in caplog.text
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_runs_as_a_script(empty_models, tmp_path):
