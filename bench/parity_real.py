@@ -48,7 +48,8 @@ def stage_inputs(stage: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(11)
     if stage == "c":
         return dict(x=torch.randn(2, 16, 24, 24, generator=g), r=torch.tensor([0.43, 0.91]),
-                    clip_text=torch.randn(2, 77, 1280, generator=g), clip_text_pooled=torch.randn(2, 1, 1280, generator=g),
+                    clip_text=torch.randn(2, 77, 1280, generator=g),
+                    clip_text_pooled=torch.randn(2, 1, 1280, generator=g),
                     clip_img=torch.randn(2, 1, 768, generator=g))
     return dict(x=torch.randn(1, 4, 256, 256, generator=g), r=torch.tensor([0.67]),
                 effnet=torch.randn(1, 16, 24, 24, generator=g), clip=torch.randn(1, 1, 1280, generator=g))
@@ -89,7 +90,8 @@ def parity(stage: str, ref: Any, tmpdir: str) -> None:
         t_theirs = time.perf_counter() - t0
     diff = (out - expected).abs().max().item()
     print(f"stage {stage.upper()} lite {tuple(inp['x'].shape)}: max|pack - diffusers| = {diff:.3e} "
-          f"(max|diffusers| = {expected.abs().max().item():.3f}, mean|diffusers| = {expected.abs().mean().item():.3f}); "
+          f"(max|diffusers| = {expected.abs().max().item():.3f}, "
+          f"mean|diffusers| = {expected.abs().mean().item():.3f}); "
           f"forward {t_ours:.1f}s pack, {t_theirs:.1f}s diffusers", flush=True)
     os.remove(path)
 

@@ -138,6 +138,12 @@ class ClipVision(nn.Module):
     def device(self) -> torch.device:
         return self.visual_projection.weight.device
 
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        # ComfyUI's ModelPatcher assigns ``model.device`` after moving weights; the weights are the
+        # source of truth here, so the assignment is accepted and ignored.
+        pass
+
     @property
     def dtype(self) -> torch.dtype:
         return self.visual_projection.weight.dtype

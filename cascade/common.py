@@ -68,7 +68,8 @@ def timestep_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) ->
     """
     r = r.to(torch.float32) * max_positions
     half = c_r // 2
-    freqs = torch.exp(torch.arange(half, device=r.device, dtype=torch.float32) * (-math.log(max_positions) / (half - 1)))
+    step = -math.log(max_positions) / (half - 1)
+    freqs = torch.exp(torch.arange(half, device=r.device, dtype=torch.float32) * step)
     emb = r[:, None] * freqs[None, :]
     emb = torch.cat([emb.sin(), emb.cos()], dim=1)
     if c_r % 2 == 1:
@@ -298,8 +299,8 @@ class PackedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * c, dtype=dtype, device=device))
         self.out_proj = ops.Linear(c, c, dtype=dtype, device=device)
 
-    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
-        """q_in (B, L, c), kv_in (B, S, c) -> (B, L, c)."""
+    def attend(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        """q_in (B, L, c), kv_in (B, S, c) -> attention output (B, L, c) before ``out_proj``."""
         c = q_in.shape[-1]
         # Toward the activation's dtype/device only (hosts may keep weights elsewhere or in bf16).
         w = self.in_proj_weight.to(device=q_in.device, dtype=q_in.dtype)
@@ -309,12 +310,14 @@ class PackedMultiheadAttention(nn.Module):
         bsz, n_q, n_kv, d = q_in.shape[0], q_in.shape[1], kv_in.shape[1], c // self.nhead
         q = q.view(bsz, n_q, self.nhead, d).transpose(1, 2)
         kv = kv.view(bsz, n_kv, 2, self.nhead, d)
-        k = kv[:, :, 0].transpose(1, 2)
-        v = kv[:, :, 1].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v)
-        del q, k, v, kv
-        o = o.transpose(1, 2).reshape(bsz, n_q, c)
-        return self.out_proj(o)
+        o = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))
+        del q, kv
+        # SDPA returns (B, heads, L, d) laid out as (B, L, heads, d): this reshape is a view.
+        return o.transpose(1, 2).reshape(bsz, n_q, c)
+
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
+        """q_in (B, L, c), kv_in (B, S, c) -> (B, L, c)."""
+        return self.out_proj(self.attend(q_in, kv_in))
 
 
 class _AttentionHolder(nn.Module):
@@ -353,17 +356,26 @@ class AttnBlock(nn.Module):
         self.kv_mapper = nn.Sequential(nn.SiLU(), ops.Linear(c_cond, c, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """x (B, c, H, W), kv (B, S, c_cond). ``inplace``: the result may overwrite ``x``."""
         x = to_channels_last(x)
         bsz, c, height, width = x.shape
         kv = self.kv_mapper(kv)
-        h = nhwc(x)
-        q_in = F.layer_norm(h, (c,), eps=LN_EPS).view(bsz, height * width, c)
+        q_in = F.layer_norm(nhwc(x), (c,), eps=LN_EPS).view(bsz, height * width, c)
         if self.self_attn:
             kv = torch.cat([q_in, kv], dim=1)
-        o = self.attention.attn(q_in, kv).view(bsz, height, width, c)
+        attn = self.attention.attn
+        o = attn.attend(q_in, kv).view(-1, c)
         del q_in, kv
-        out = h.add_(o) if inplace else o.add_(h)
-        return nchw(out)
+        out = x if inplace else x.clone(memory_format=CHANNELS_LAST)
+        res = nhwc(out).view(-1, c)
+        if _is_plain_linear(attn.out_proj, o):
+            # The output projection accumulates straight into the residual stream.
+            res.addmm_(o, attn.out_proj.weight.t())
+            if attn.out_proj.bias is not None:
+                res.add_(attn.out_proj.bias)
+        else:
+            res.add_(attn.out_proj(o))
+        return out
 
 
 class UNetCore(nn.Module):
@@ -387,13 +399,15 @@ class UNetCore(nn.Module):
                 return AttnBlock(c, cfg.c_cond, cfg.nhead[i], cfg.self_attn, dropout[i], dtype, device, ops)
             raise ValueError(f"level_config letter {letter!r} is not supported (expected C, T or A)")
 
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down_blocks, self.down_downscalers = nn.ModuleList(), nn.ModuleList()
+        self.down_repeat_mappers = nn.ModuleList()
         for i in range(levels):
             self.down_downscalers.append(make_downscaler(i) if i > 0 else nn.Identity())
             self.down_blocks.append(
                 nn.ModuleList([block(letter, i) for _ in range(cfg.blocks[0][i]) for letter in cfg.level_config[i]])
             )
-            self.down_repeat_mappers.append(self._repeat_mappers(hidden[i], cfg.block_repeat[0][i], dtype, device, ops))
+            repeat = cfg.block_repeat[0][i]
+            self.down_repeat_mappers.append(self._repeat_mappers(hidden[i], repeat, dtype, device, ops))
         self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for u, i in enumerate(reversed(range(levels))):
             self.up_upscalers.append(make_upscaler(i) if i > 0 else nn.Identity())

@@ -153,10 +153,17 @@ def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None, dty
     return out
 
 
-def _pick_variant(cands: list[Path], dtype: torch.dtype | None) -> Path:
-    def variant(p: Path) -> str:
-        return next((v for v in ("bf16", "fp16", "fp32") if v in p.name.split(".")), "")
+def _variant(p: Path) -> str:
+    return next((v for v in ("bf16", "fp16", "fp32") if v in p.name.split(".")), "")
 
+
+def _base_name(p: Path) -> str:
+    """``diffusion_pytorch_model.bf16.safetensors`` and ``...safetensors.index.json`` -> one name."""
+    return ".".join(x for x in p.name.split(".") if x not in (_variant(p), "index", "json"))
+
+
+def _pick_variant(cands: list[Path], dtype: torch.dtype | None) -> Path:
+    variant = _variant
     want = _VARIANTS.get(dtype, "") if dtype is not None else ""
     for pref in (want, "", "bf16", "fp32", "fp16"):
         hits = [c for c in cands if variant(c) == pref]
@@ -205,6 +212,9 @@ def _dir_files(d: Path, kind: str | None, dtype: torch.dtype | None) -> list[Pat
     if not cands:
         raise CheckpointError(f"{d}: no .safetensors file and no *.safetensors.index.json shard index in this "
                               f"folder. Expected {EXAMPLES.get(kind or 'packaged', 'weights')}.")
+    if len({_base_name(c) for c in cands}) > 1:
+        raise CheckpointError(f"{d}: holds several weight files ({[c.name for c in cands][:8]}); pass the one file "
+                              f"you want to load (e.g. {EXAMPLES.get(kind or 'packaged', 'a .safetensors file')}).")
     chosen = _pick_variant(cands, dtype)
     if len(cands) > 1:
         log.info("ComfyUI-StableCascade: %s holds %s; reading %s.", d, [c.name for c in cands], chosen.name)
@@ -278,6 +288,15 @@ def _how_to_load(det: Detected) -> str:
     return f"Load it with the '{node}' node (loading.{fn})"
 
 
+def _unknown(opened: _Opened, expected: str) -> UnknownLayoutError:
+    hint = keymaps.foreign_hint(opened.header)
+    known = "; ".join(f"{k}: {v}" for k, v in keymaps.LAYOUTS.items())
+    return UnknownLayoutError(
+        f"{opened.name}: matches no known Stable Cascade layout{f' (it looks like {hint})' if hint else ''}; "
+        f"{len(opened.header)} keys, e.g. {sorted(opened.header)[:4]}. Known layouts: {known}. Expected {expected}."
+    )
+
+
 def _find(opened: _Opened, kind: str) -> tuple[Detected, Detected]:
     """(the file's detection, its component of ``kind``) or a clear error naming what the file is."""
     det = keymaps.detect(opened.header)
@@ -285,13 +304,7 @@ def _find(opened: _Opened, kind: str) -> tuple[Detected, Detected]:
     if part is not None:
         return det, part
     if det.kind == "unknown":
-        hint = keymaps.foreign_hint(opened.header)
-        known = "; ".join(f"{k}: {v}" for k, v in keymaps.LAYOUTS.items())
-        raise UnknownLayoutError(
-            f"{opened.name}: matches no known Stable Cascade layout{f' (it looks like {hint})' if hint else ''}; "
-            f"{len(opened.header)} keys, e.g. {sorted(opened.header)[:4]}. Known layouts: {known}. "
-            f"Expected {NAMES[kind]}: pick {EXAMPLES[kind]}."
-        )
+        raise _unknown(opened, f"{NAMES[kind]}: pick {EXAMPLES[kind]}")
     raise WrongModelError(
         f"{opened.name} is {det.describe()}, not {NAMES[kind]}. {_how_to_load(det)}. "
         f"For {NAMES[kind]} pick {EXAMPLES[kind]}."
@@ -450,7 +463,7 @@ def load_packaged(src: Source, dtype: torch.dtype | None = None, device: Any = "
     opened = _open(src, None, dtype)
     det = keymaps.detect(opened.header)
     if det.kind == "unknown":
-        _find(opened, "stage_c")  # raises UnknownLayoutError naming the file and the known layouts
+        raise _unknown(opened, f"a Stable Cascade checkpoint: pick {EXAMPLES['packaged']}")
     if det.kind == "lora":
         raise WrongModelError(f"{opened.name} is {det.describe()}, not a checkpoint of networks. {_how_to_load(det)}.")
     out: dict[str, nn.Module] = {}

@@ -15,6 +15,7 @@ place. A block then needs its input plus a few MB, instead of several full-size 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 
 SCALE_FACTOR = 0.43
 LN_EPS = 1e-6
-# Working-set targets of the chunked paths, in elements. A depthwise band of ~1 MB stays in cache.
-# MLP chunks need >= ~1024 rows for full-speed GEMMs on CPU (a few hundred rows run at half speed);
-# 4M elements (16 MB fp32) of 4c-wide activation is ~2700 rows at c=384 and cuts the peak 50x.
-_BAND_ELEMS = 1 << 18
+# Working-set targets of the chunked paths, in elements (4M = 16 MB in fp32). A depthwise band
+# recomputes the LayerNorm of its two halo rows, so bands are kept tall (~40 rows at 384 x 256);
+# MLP chunks need >= ~1024 rows for full-speed GEMMs on CPU (a few hundred rows run at half
+# speed): ~2700 rows at c=384, which cuts the 4c-wide activation 25x at a 256^2 latent.
+_BAND_ELEMS = 1 << 22
 _MLP_HIDDEN_ELEMS = 1 << 22
 
 
@@ -144,7 +146,7 @@ class StageAResBlock(nn.Module):
         """``inplace=True``: the caller owns ``x`` (nothing else reads it), so it is updated in place."""
         conv, (lin1, _, lin2) = self.depthwise[1], self.channelwise
         fast = (
-            not (torch.is_grad_enabled() and self.gammas.requires_grad)
+            not (torch.is_grad_enabled() and (self.gammas.requires_grad or x.requires_grad))
             and _plain(conv, nn.Conv2d, x) and _plain(lin1, nn.Linear, x) and _plain(lin2, nn.Linear, x)
             and self.gammas.device == x.device
         )
@@ -292,6 +294,11 @@ class StageA(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.in_block[1].weight.dtype
 
+    def _grad_context(self) -> Any:
+        """Eval mode is inference: no autograd graph (the lean path needs none, and a decode's graph
+        would hold gigabytes); train mode keeps autograd for whoever trains this module."""
+        return contextlib.nullcontext() if self.training else torch.no_grad()
+
     def _run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         # Every tensor handed to a block here was made by the previous layer, so blocks may update it.
         for blk in blocks:
@@ -304,9 +311,10 @@ class StageA(nn.Module):
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) in [0, 1], H and W multiples of 4 -> latent (B, c_latent, H/4, W/4), no 0.43."""
         _check_input(x, 3, 4, "Stage A encode: image")
-        h = to_channels_last(self.in_block(x.to(self.dtype)))
-        h = self._run(self.down_blocks, h)
-        return h.contiguous()
+        with self._grad_context():
+            h = to_channels_last(self.in_block(x.to(self.dtype)))
+            h = self._run(self.down_blocks, h)
+            return h.contiguous()
 
     def quantize_raw(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw latent -> (nearest codebook entries, indices). Only Stage A training used this."""
@@ -327,11 +335,10 @@ class StageA(nn.Module):
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latent (B, c_latent, h, w) -> image (B, 3, 4h, 4w), ~[0, 1], not clamped."""
         _check_input(z, self.config.c_latent, 1, "Stage A decode: latent")
-        z = z.to(self.dtype)
-        h = self._run(self.up_blocks, z)
-        del z
-        h = self.out_block(h)
-        return h.contiguous()
+        with self._grad_context():
+            h = self._run(self.up_blocks, z.to(self.dtype))
+            h = self.out_block(h)
+            return h.contiguous()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Official decode: ``up(z * 0.43)`` for a Stage B latent ``z``."""

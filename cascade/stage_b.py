@@ -140,11 +140,12 @@ class StageB(UNetCore):
         dtype (`torch.dtype`, *optional*): parameter dtype.
         device (`torch.device` or `str`, *optional*): parameter device; ``"meta"`` builds without memory so a
             loader can ``load_state_dict(sd, assign=True)``.
-        operations (namespace, *optional*): provides ``Linear``, ``Conv2d``, ``ConvTranspose2d`` (default ``torch.nn``).
+        operations (namespace, *optional*): provides ``Linear``, ``Conv2d``, ``ConvTranspose2d``
+            (default ``torch.nn``).
     """
 
-    def __init__(self, config: StageBConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 operations: Any = None) -> None:
+    def __init__(self, config: StageBConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = None) -> None:
         super().__init__()
         ops = resolve_ops(operations)
         self.config = cfg = config
@@ -153,11 +154,14 @@ class StageB(UNetCore):
         self.pixels_mapper = _mapper(cfg.c_pixels, c0, dtype, device, ops)
         self.clip_mapper = ops.Linear(cfg.c_clip, cfg.c_cond * cfg.c_clip_seq, dtype=dtype, device=device)
         self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(p), ops.Conv2d(cfg.c_in * p * p, c0, kernel_size=1, dtype=dtype, device=device), LayerNorm2d()
+            nn.PixelUnshuffle(p),
+            ops.Conv2d(cfg.c_in * p * p, c0, kernel_size=1, dtype=dtype, device=device),
+            LayerNorm2d(),
         )
 
         def downscaler(i: int) -> nn.Module:
-            conv = ops.Conv2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], kernel_size=2, stride=2, dtype=dtype, device=device)
+            c_prev, c = cfg.c_hidden[i - 1], cfg.c_hidden[i]
+            conv = ops.Conv2d(c_prev, c, kernel_size=2, stride=2, dtype=dtype, device=device)
             return nn.Sequential(LayerNorm2d(), conv)
 
         def upscaler(i: int) -> nn.Module:
@@ -167,7 +171,9 @@ class StageB(UNetCore):
 
         self._build_levels(cfg, downscaler, upscaler, dtype, device, ops)
         self.clf = nn.Sequential(
-            LayerNorm2d(), ops.Conv2d(c0, cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device), nn.PixelShuffle(p)
+            LayerNorm2d(),
+            ops.Conv2d(c0, cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device),
+            nn.PixelShuffle(p),
         )
         # Inference network: start in eval mode (dropout off, in-place fast paths on); .train() still works.
         self.eval()

@@ -147,28 +147,35 @@ class StageC(UNetCore):
         operations (namespace, *optional*): provides ``Linear`` and ``Conv2d`` (default ``torch.nn``).
     """
 
-    def __init__(self, config: StageCConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 operations: Any = None) -> None:
+    def __init__(self, config: StageCConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, operations: Any = None) -> None:
         super().__init__()
         ops = resolve_ops(operations)
         self.config = cfg = config
         c0, p = cfg.c_hidden[0], cfg.patch_size
         self.clip_txt_mapper = ops.Linear(cfg.c_clip_text, cfg.c_cond, dtype=dtype, device=device)
-        self.clip_txt_pooled_mapper = ops.Linear(cfg.c_clip_text_pooled, cfg.c_cond * cfg.c_clip_seq, dtype=dtype, device=device)
-        self.clip_img_mapper = ops.Linear(cfg.c_clip_img, cfg.c_cond * cfg.c_clip_seq, dtype=dtype, device=device)
+        seq_width = cfg.c_cond * cfg.c_clip_seq
+        self.clip_txt_pooled_mapper = ops.Linear(cfg.c_clip_text_pooled, seq_width, dtype=dtype, device=device)
+        self.clip_img_mapper = ops.Linear(cfg.c_clip_img, seq_width, dtype=dtype, device=device)
         self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(p), ops.Conv2d(cfg.c_in * p * p, c0, kernel_size=1, dtype=dtype, device=device), LayerNorm2d()
+            nn.PixelUnshuffle(p),
+            ops.Conv2d(cfg.c_in * p * p, c0, kernel_size=1, dtype=dtype, device=device),
+            LayerNorm2d(),
         )
 
         def downscaler(i: int) -> nn.Module:
-            return nn.Sequential(LayerNorm2d(), UpDownBlock2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], "down", cfg.switch_level, dtype, device, ops))
+            block = UpDownBlock2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], "down", cfg.switch_level, dtype, device, ops)
+            return nn.Sequential(LayerNorm2d(), block)
 
         def upscaler(i: int) -> nn.Module:
-            return nn.Sequential(LayerNorm2d(), UpDownBlock2d(cfg.c_hidden[i], cfg.c_hidden[i - 1], "up", cfg.switch_level, dtype, device, ops))
+            block = UpDownBlock2d(cfg.c_hidden[i], cfg.c_hidden[i - 1], "up", cfg.switch_level, dtype, device, ops)
+            return nn.Sequential(LayerNorm2d(), block)
 
         self._build_levels(cfg, downscaler, upscaler, dtype, device, ops)
         self.clf = nn.Sequential(
-            LayerNorm2d(), ops.Conv2d(c0, cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device), nn.PixelShuffle(p)
+            LayerNorm2d(),
+            ops.Conv2d(c0, cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device),
+            nn.PixelShuffle(p),
         )
         # Inference network: start in eval mode (dropout off, in-place fast paths on); .train() still works.
         self.eval()

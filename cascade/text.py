@@ -160,6 +160,12 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.text_projection.weight.device
 
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        # ComfyUI's ModelPatcher assigns ``model.device`` after moving weights; the weights are the
+        # source of truth here, so the assignment is accepted and ignored.
+        pass
+
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, (B, 77) int64 each, as the official code tokenizes:
         ``padding="max_length"``, ``max_length=77``, ``truncation=True``."""

@@ -102,7 +102,9 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
             idx = sorted(i for s, lv, i in modules if s == side and lv == level)
             if idx != list(range(len(idx))):
                 raise CheckpointError(f"{what}: {side}_blocks.{level} has gaps in its module indices {idx[:8]}...")
-            letters[side, level] = "".join(_letter(modules[side, level, i], f"{side}_blocks.{level}.{i}", what) for i in idx)
+            letters[side, level] = "".join(
+                _letter(modules[side, level, i], f"{side}_blocks.{level}.{i}", what) for i in idx
+            )
     level_config, c_hidden, down_n, up_n = [], [], [], []
     for i in range(n_levels):
         down, up = letters["down", i], letters["up", n_levels - 1 - i]
@@ -127,11 +129,13 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
     for k, letter in kinds.items():
         first.setdefault(letter, k)
     if "C" not in first or "T" not in first:
-        raise CheckpointError(f"{what}: the file has no ResBlock or no TimestepBlock; it is not a Stable Cascade U-Net.")
+        raise CheckpointError(
+            f"{what}: the file has no ResBlock or no TimestepBlock; it is not a Stable Cascade U-Net."
+        )
     prefix = lambda k: f"{k[0]}_blocks.{k[1]}.{k[2]}."  # noqa: E731
     kernel = shape_of(sd, prefix(first["C"]) + "depthwise.weight")[-1]
     c_r = shape_of(sd, prefix(first["T"]) + "mapper.weight")[1]
-    names = {s[len("mapper_"):-len(".weight")] for s in modules[first["T"]] if s.startswith("mapper_") and s.endswith(".weight")}
+    names = {m[1] for s in modules[first["T"]] if (m := re.fullmatch(r"mapper_(\w+)\.weight", s))}
     t_conds = tuple(n for n in _COND_ORDER if n in names) + tuple(sorted(names - set(_COND_ORDER)))
     c_cond = shape_of(sd, prefix(first["A"]) + "kv_mapper.1.weight")[1] if "A" in first else None
     nhead = tuple(max(1, c // HEAD_DIM) if "A" in cfg else 0 for c, cfg in zip(c_hidden, level_config))
@@ -139,7 +143,10 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
         c_hidden=tuple(c_hidden),
         level_config=tuple(level_config),
         blocks=(tuple(down_n), tuple(up_n)),
-        block_repeat=(tuple(repeats["down", i] for i in range(n_levels)), tuple(repeats["up", u] for u in range(n_levels))),
+        block_repeat=(
+            tuple(repeats["down", i] for i in range(n_levels)),
+            tuple(repeats["up", u] for u in range(n_levels)),
+        ),
         nhead=nhead,
         kernel_size=kernel,
         c_r=c_r,

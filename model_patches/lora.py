@@ -242,7 +242,10 @@ def _community_placement(lora: LoraFile, shapes: dict) -> list[tuple[LoraPair, T
     found, unknown = [], []
     for name, pair in lora.unet.items():
         target = table.get(name)
-        (found.append((pair, target)) if target is not None else unknown.append(name))
+        if target is None:
+            unknown.append(name)
+        else:
+            found.append((pair, target))
     if unknown:
         raise CheckpointError(_unknown_modules_message(lora, unknown))
     return found

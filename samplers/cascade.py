@@ -22,6 +22,7 @@ import torch
 from .. import host
 from ..cascade.errors import CascadeError, ShapeError, StageMismatchError
 from ..cascade.stage_a import SCALE_FACTOR
+from ..model_patches import controlnet as controlnets
 from . import schedule
 from .guidance import CFGDenoiser
 from .noise import make_noise_sampler, prepare_noise
@@ -275,6 +276,11 @@ def _cast_cond(d: dict, dev: torch.device, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------- Stage C
 
 
+def _r_at(position: float, shift: float) -> float:
+    """The noise condition r at schedule position ``position`` (t = 1 - position), for ControlNet ranges."""
+    return float(schedule.noise_cond_r(schedule.logsnr(1.0 - float(position), shift=float(shift))))
+
+
 def sample_stage_c(handle: Any, positive: list, negative: list | None, latent: Any, seed: int,
                    steps: int = 20, cfg: float = 4.0, shift: float = 2.0, sampler: str = "ddpm",
                    rescale: float = 0.7, denoise: float = 1.0, previewer: Any = None,
@@ -321,11 +327,17 @@ def sample_stage_c(handle: Any, positive: list, negative: list | None, latent: A
             return prev_module(x0[:1].to(_device(previewer, prev_module), dtype)).float()
 
     handles = [handle, previewer] if isinstance(previewer, host.ModelHandle) else [handle]
+    # ControlNets applied to this Stage C handle (model_patches.controlnet) load and run with it.
+    controls = controlnets.controls_of(handle)
+    handles += controlnets.control_handles(controls)
+    memory += controlnets.estimate_memory(controls)
     with host.using([h for h in handles if isinstance(h, host.ModelHandle)], memory):
         dev = _device(handle, module)
         cond = _cast_cond(cond, dev, dtype)
         uncond = _cast_cond(uncond, dev, dtype) if uncond is not None else None
-        x, x0 = _run(dev, _net_fn(module), cond, uncond, samples, seed=seed, steps=steps, cfg=cfg, shift=shift,
+        network_fn = controlnets.controlled(_net_fn(module), controls, handle, lambda p: _r_at(p, shift),
+                                            samples.shape)
+        x, x0 = _run(dev, network_fn, cond, uncond, samples, seed=seed, steps=steps, cfg=cfg, shift=shift,
                      sampler=sampler, rescale=rescale, denoise=denoise, batch_index=batch_index,
                      callback_extra=preview if prev_module is not None else None, noising=noising)
     return (x if return_state else x0).to(host.intermediate_device())

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,7 +44,13 @@ TINY_FILES = {
     "vae": {"stage_a.safetensors": "stage_a", "previewer.safetensors": "previewer",
             "effnet_encoder.safetensors": "effnet"},
     "text_encoders": {"stable_cascade_text_encoder.safetensors": "text_encoder"},
+    "clip_vision": {"stable_cascade_image_encoder.safetensors": "clip_vision"},
 }
+# LoRA file names of workflows/lora.json -> learned tokens the file carries (official layout, for the demo Stage C).
+TINY_LORAS = {"fernando_lora.safetensors": 1, "style_lora.safetensors": 0}
+# ControlNet file names of workflows/controlnet_*.json -> input channels (canny 1, inpainting 4, super-resolution 16).
+TINY_CONTROLNETS = {"canny.safetensors": 1, "inpainting.safetensors": 4, "super_resolution.safetensors": 16}
+WORKFLOW_INPUTS = os.path.join(REPO, "workflows", "inputs")  # images the shipped workflows' LoadImage nodes read
 
 
 # ----------------------------------------------------------------------------- ComfyUI checkout and its deps
@@ -111,12 +118,24 @@ def _write_tiny_models(models: Mapping[str, str]) -> None:
     """The loaders' demo networks (tiny, random, sized to fit together) saved as released-layout files."""
     from safetensors.torch import save_file
 
+    from comfyui_stablecascade.model_patches.lora import demo_lora
     from comfyui_stablecascade.nodes.demo import demo_network
 
     for folder, files in TINY_FILES.items():
         for name, kind in files.items():
             sd = {k: v.detach().contiguous() for k, v in demo_network(kind).state_dict().items()}
             save_file(sd, os.path.join(models[folder], name))
+    stage_c, text = demo_network("stage_c"), demo_network("text_encoder")
+    width = text.text_model.embeddings.token_embedding.weight.shape[1]
+    for seed, (name, n_tokens) in enumerate(TINY_LORAS.items()):
+        save_file(demo_lora(stage_c, n_tokens, width, seed=seed), os.path.join(models["loras"], name))
+    try:
+        from comfyui_stablecascade.nodes.controlnet import demo_controlnet
+    except ImportError:  # a pack without ControlNets: its workflows are not shipped either
+        return
+    for name, c_in in TINY_CONTROLNETS.items():
+        sd = demo_controlnet(c_in, stage_c.config, None).module.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(models["controlnet"], name))
 
 
 def make_layout(base: str) -> Layout:
@@ -125,10 +144,13 @@ def make_layout(base: str) -> Layout:
     nodes_dir = os.path.join(base, "extra_custom_nodes")
     os.makedirs(nodes_dir)
     os.symlink(REPO, os.path.join(nodes_dir, FOLDER), target_is_directory=True)
-    models = {folder: os.path.join(base, "extra_models", folder) for folder in TINY_FILES}
+    models = {folder: os.path.join(base, "extra_models", folder) for folder in (*TINY_FILES, "loras", "controlnet")}
     for path in models.values():
         os.makedirs(path)
     _write_tiny_models(models)
+    os.makedirs(os.path.join(base, "input"))
+    for name in os.listdir(WORKFLOW_INPUTS):
+        shutil.copy(os.path.join(WORKFLOW_INPUTS, name), os.path.join(base, "input", name))
     yaml_path = os.path.join(base, "extra_model_paths.yaml")
     with open(yaml_path, "w", encoding="utf-8") as f:
         f.write(f"scw_integration:\n    base_path: {base}\n    custom_nodes: extra_custom_nodes\n")
@@ -158,11 +180,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# No proxy from the environment: every request goes straight to the server on the loopback address.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http(method: str, url: str, body: Any = None, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, bytes]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _OPENER.open(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -231,14 +257,17 @@ def _input_order(info: Mapping) -> list[tuple[str, Any]]:
             for name in order.get(section, [])]
 
 
+def _options(spec: Any) -> dict:
+    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
 def _is_widget(spec: Any) -> bool:
     kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
-    opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput", False)
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not _options(spec).get("forceInput", False)
 
 
 def _has_control_widget(name: str, spec: Any) -> bool:
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    opts = _options(spec)
     return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
 
 
@@ -270,19 +299,26 @@ def ui_to_api(workflow: Mapping, object_info: Mapping) -> dict[str, dict]:
                 assert values and values[0] in ("fixed", "increment", "decrement", "randomize"), \
                     f"node {node['id']}: {name!r} should be followed by its control_after_generate value"
                 values.pop(0)
+            elif _options(spec).get("image_upload"):
+                values.pop(0)  # the frontend's upload button keeps a value of its own
         assert not values, f"node {node['id']} ({node['type']}): widget values {values} match no input of the server"
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
 
-def small_prompt(object_info: Mapping) -> dict[str, dict]:
-    with open(WORKFLOW, encoding="utf-8") as f:
+def small_prompt(object_info: Mapping, workflow: str = WORKFLOW) -> dict[str, dict]:
+    """A shipped workflow as an API prompt, shrunk for the CPU: sizes TEST_SIZE, few steps, batch 1."""
+    with open(workflow, encoding="utf-8") as f:
         prompt = ui_to_api(json.load(f), object_info)
     for node in prompt.values():
-        if node["class_type"] == "SCW_EmptyLatent":
-            node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE, batch_size=1)
-        if node["class_type"] in TEST_STEPS:
-            node["inputs"]["steps"] = TEST_STEPS[node["class_type"]]
+        inputs = node["inputs"]
+        for name in ("width", "height"):
+            if isinstance(inputs.get(name), int):
+                inputs[name] = TEST_SIZE
+        if isinstance(inputs.get("batch_size"), int):
+            inputs["batch_size"] = 1
+        if isinstance(inputs.get("steps"), int):
+            inputs["steps"] = TEST_STEPS.get(node["class_type"], 2)
     return prompt
 
 
@@ -363,24 +399,34 @@ def run_ok(server: Server, prompt: dict) -> Run:
     return run
 
 
-def saved_image(server: Server, prompt: dict, run: Run) -> Any:
-    """The PIL image the prompt's SaveImage wrote, read back through /history and /view."""
+def output_images(server: Server, run: Run) -> dict[str, list[Any]]:
+    """Node id -> the PIL images its output (SaveImage, PreviewImage) wrote, read back through /history and /view."""
     import io
 
     from PIL import Image
 
     history = get_json(f"{server.url}/history/{run.body['prompt_id']}")[run.body["prompt_id"]]
     assert history["status"]["status_str"] == "success", history["status"]
-    images = history["outputs"][node_id(prompt, "SaveImage")]["images"]
-    assert len(images) == 1 and images[0]["type"] == "output", images
-    query = urllib.parse.urlencode({k: images[0][k] for k in ("filename", "subfolder", "type")})
-    status, png = http("GET", f"{server.url}/view?{query}")
-    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n", (status, png[:16])
-    img = Image.open(io.BytesIO(png))
-    img.load()
-    return img
+    out: dict[str, list[Any]] = {}
+    for node, result in history["outputs"].items():
+        for entry in result.get("images", []):
+            query = urllib.parse.urlencode({k: entry[k] for k in ("filename", "subfolder", "type")})
+            status, png = http("GET", f"{server.url}/view?{query}")
+            assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n", (node, status, png[:16])
+            img = Image.open(io.BytesIO(png))
+            img.load()
+            out.setdefault(node, []).append(img)
+    return out
+
+
+def saved_image(server: Server, prompt: dict, run: Run) -> Any:
+    """The one image the prompt's SaveImage wrote."""
+    images = output_images(server, run).get(node_id(prompt, "SaveImage"), [])
+    assert len(images) == 1, f"SaveImage wrote {len(images)} images"
+    return images[0]
 
 
 def set_seed(prompt: dict, seed: int) -> None:
-    for class_type in TEST_STEPS:
-        prompt[node_id(prompt, class_type)]["inputs"]["seed"] = seed
+    for node in prompt.values():
+        if "seed" in node["inputs"]:
+            node["inputs"]["seed"] = seed

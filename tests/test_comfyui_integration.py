@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -106,6 +107,25 @@ def test_text_to_image_workflow_runs_in_comfyui(server: Server) -> None:
     assert "memory leak" not in log, log[-6000:]
 
 
+SHIPPED = sorted(f for f in os.listdir(os.path.join(h.REPO, "workflows")) if f.endswith(".json"))
+
+
+@pytest.mark.parametrize("workflow", [f for f in SHIPPED if f != os.path.basename(h.WORKFLOW)])
+def test_shipped_workflow_runs_in_comfyui(server: Server, workflow: str) -> None:
+    """Every shipped workflow, converted against the server's node definitions, runs and writes its images."""
+    prompt = h.small_prompt(server.object_info, os.path.join(h.REPO, "workflows", workflow))
+    run = h.run_ok(server, prompt)
+    history = h.get_json(f"{server.url}/history/{run.body['prompt_id']}")[run.body["prompt_id"]]
+    images = h.output_images(server, run)
+    outputs = [k for k, v in prompt.items() if server.object_info[v["class_type"]]["output_node"]]
+    assert outputs and images, f"{workflow} wrote no image"
+    for node in outputs:
+        shown = history["outputs"].get(node, {})
+        assert any(shown.values()), f"{workflow}: output node {node} ({prompt[node]['class_type']}) showed nothing"
+        if prompt[node]["class_type"] in ("SaveImage", "PreviewImage"):
+            assert images.get(node), f"{workflow}: {prompt[node]['class_type']} node {node} wrote no image"
+
+
 def test_cached_models_run_again_after_comfyui_unloads_them(server: Server) -> None:
     """The UI's "unload models" (POST /free) between two prompts: the loaders' cached outputs are reused and
     ComfyUI must load their networks again."""
@@ -118,7 +138,7 @@ def test_cached_models_run_again_after_comfyui_unloads_them(server: Server) -> N
     before = server.log().count("Requested to load StageC")
     h.set_seed(prompt, 1002)
     run = h.run_ok(server, prompt)
-    assert server.log().count("Requested to load StageC") == before + 1, "Stage C was not loaded again"
+    assert server.log().count("Requested to load StageC") > before, "Stage C was not loaded again"
     assert h.saved_image(server, prompt, run).size == (TEST_SIZE, TEST_SIZE)
 
 
@@ -173,7 +193,7 @@ def inproc(comfy_root: str, layout: Layout) -> Iterator[InProcess]:
     pack = sys.modules[layout.pack_path.replace(".", "_x_")]
     assert pack is not PACK
     classes = {k: v for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items()
-               if getattr(v, "RELATIVE_h.PYTHON_MODULE", "") == h.PYTHON_MODULE}
+               if getattr(v, "RELATIVE_PYTHON_MODULE", "") == h.PYTHON_MODULE}
     assert set(classes) == set(PACK.NODE_CLASS_MAPPINGS)
     yield InProcess(mm, comfy.model_patcher.ModelPatcher, pack, classes)
     mm.unload_all_models()
@@ -375,3 +395,24 @@ def test_comfyui_applies_a_patch_on_every_weight(inproc: InProcess, loader: str,
         f"ComfyUI left {len(missed)} of {len(before)} patched weights unchanged, e.g. {missed[:4]}: "
         "ModelPatcher.load() patches only parameters of modules that have no child modules with parameters")
     assert all(torch.equal(restored[k].detach(), before[k]) for k in before), "unloading did not restore weights"
+
+
+def test_lora_node_patches_are_applied_by_comfyui(inproc: InProcess) -> None:
+    """SCW_LoraLoaderModelOnly inside ComfyUI: loading the patched clone changes every weight the official LoRA
+    targets (attention in_proj and out_proj); loading the original again restores them."""
+    env, host = inproc, inproc.pack.host
+    env.mm.unload_all_models()
+    (base,) = env.classes["SCW_StageCLoader"]().load("stage_c_bf16.safetensors", "default")
+    targets = sys.modules[f"{env.pack.__name__}.model_patches.lora"].official_target_keys(base.module)
+    assert any(k.endswith("in_proj_weight") for k in targets) and any(k.endswith("out_proj.weight") for k in targets)
+    before = {k: v.detach().clone() for k, v in base.module.state_dict().items()}
+    (patched,) = env.classes["SCW_LoraLoaderModelOnly"]().apply(base, "style_lora.safetensors", 0.8)
+    host.load([patched])
+    sd = base.module.state_dict()
+    unchanged = [k for k in targets if torch.equal(sd[k], before[k])]
+    host.load([base])
+    restored = base.module.state_dict()
+    env.mm.unload_all_models()
+    assert not unchanged, f"the LoRA's patches on {len(unchanged)} of {len(targets)} targets were not applied: " \
+                          f"{unchanged[:4]}"
+    assert all(torch.equal(restored[k], before[k]) for k in targets)

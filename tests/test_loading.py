@@ -147,6 +147,10 @@ def test_text_encoder_and_clip_vision_round_trip(tmp_path):
     assert_same_state(model, text, torch.bfloat16)
     model = loading.load_clip_vision(tc.save(tmp_path / "vision.safetensors", vision))
     assert_same_state(model, vision)
+    tc.save_sharded(tmp_path / "pipe" / "text_encoder", text, shards=2, name="model")  # transformers naming
+    tc.save(tmp_path / "pipe" / "image_encoder" / "model.safetensors", vision)
+    assert_same_state(loading.load_text_encoder(tmp_path / "pipe"), text)
+    assert_same_state(loading.load_clip_vision(tmp_path / "pipe"), vision)
 
 
 # ---- packaged checkpoints ---------------------------------------------------------------------------
@@ -225,6 +229,15 @@ def test_folder_with_two_variants_picks_by_dtype(tmp_path):
     tc.save(folder / "diffusion_pytorch_model.bf16.safetensors", tc.diffusers_unet(sd), torch.bfloat16)
     assert loading.load_stage_b(folder).clf[1].weight.dtype == torch.float32
     assert loading.load_stage_b(folder, dtype=torch.bfloat16).clf[1].weight.dtype == torch.bfloat16
+
+
+def test_folder_of_unrelated_files_asks_for_one(tmp_path):
+    tc.save(tmp_path / "stage_a.safetensors", tc.tiny_sd("stage_a"))
+    tc.save(tmp_path / "stage_c_bf16.safetensors", tc.tiny_sd("stage_c"), torch.bfloat16)
+    with pytest.raises(CheckpointError, match="several weight files.*pass the one file"):
+        loading.load_stage_c(tmp_path)
+    model = loading.load_stage_c(tmp_path / "stage_c_bf16.safetensors")
+    assert_same_state(model, tc.tiny_sd("stage_c"), torch.bfloat16)
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -320,6 +333,27 @@ def test_unknown_layout_lists_known_layouts(tmp_path):
     assert "sdxl.safetensors" in msg and "Stable Diffusion" in msg
     for layout in keymaps.LAYOUTS:
         assert layout in msg
+
+
+@pytest.mark.parametrize("prefix", ["module.", "state_dict.model.", "model.diffusion_model."])
+def test_any_prefix_is_found(tmp_path, prefix):
+    sd = tc.tiny_sd("stage_b")
+    path = tc.save(tmp_path / "b.safetensors", tc.with_prefix(sd, prefix))
+    assert loading.detect(path).prefix == prefix
+    assert_same_state(loading.load_stage_b(path), sd)
+
+
+def test_load_packaged_on_an_unknown_file(tmp_path):
+    path = tc.save(tmp_path / "vae.safetensors", {"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)})
+    with pytest.raises(UnknownLayoutError, match=r"vae\.safetensors.*SD-family VAE.*stable_cascade_stage_c"):
+        loading.load_packaged(path)
+
+
+def test_gguf_is_refused(tmp_path):
+    path = tmp_path / "stage_c.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"stage_c\.gguf.*GGUF.*safetensors"):
+        loading.load_stage_c(path)
 
 
 def test_missing_and_unexpected_keys(tmp_path, caplog):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 
 import pytest
@@ -160,6 +161,14 @@ def test_official_file_matches_the_official_parametrization(stage_c, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(patched.module(x, r, clip, pooled, img), ref(x, r, clip, pooled, img),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_patch_values_pickle(stage_c):
+    patches = L.stage_c_patches(parse_lora(L.demo_lora(stage_c.module), "x"), stage_c.module)
+    again = pickle.loads(pickle.dumps(patches))
+    assert again.keys() == patches.keys()
+    for key, value in patches.items():
+        assert torch.equal(again[key](torch.zeros(1)), value(torch.zeros(1)))
 
 
 def test_official_strength_is_w_plus_s_up_down_over_rank(stage_c, tmp_path):

@@ -205,3 +205,12 @@ def test_batch_norm_uses_running_stats():
         one = net.encode_raw(img[:1])
         both = net.encode_raw(img)
     torch.testing.assert_close(one, both[:1], rtol=0, atol=1e-5)
+
+
+def test_eval_mode_decodes_without_autograd_graph():
+    net, _ = _build(StageAConfig.tiny())
+    assert next(net.parameters()).requires_grad  # loaded parameters still ask for grads
+    out = net.decode(_latent(b=1, h=4, w=4))  # no torch.no_grad() around the call
+    assert not out.requires_grad
+    net.train()
+    assert net.decode(_latent(b=1, h=4, w=4)).requires_grad

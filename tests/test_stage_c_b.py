@@ -272,3 +272,23 @@ def test_host_operations_path_matches():
         host.load_state_dict(sd, assign=True)
         with torch.no_grad():
             torch.testing.assert_close(host(**inp), plain(**inp), rtol=0, atol=1e-5)
+
+
+def test_blocks_leave_their_input_alone_unless_told():
+    """The U-Net lets blocks overwrite tensors it owns (inplace=True); a direct call must not."""
+    torch.manual_seed(8)
+    blocks = [
+        (common.ResBlock(64, 64), lambda b, x: b(x, torch.randn(2, 64, 5, 7))),
+        (common.ResBlock(64), lambda b, x: b(x)),
+        (common.TimestepBlock(64, 64, ("sca",)), lambda b, x: b(x, torch.randn(2, 128))),
+        (common.AttnBlock(64, 32, 1), lambda b, x: b(x, torch.randn(2, 3, 32))),
+    ]
+    for block, call in blocks:
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        block.eval()
+        x = torch.randn(2, 64, 5, 7)
+        before = x.clone()
+        with torch.no_grad():
+            out = call(block, x)
+        assert torch.equal(x, before) and not torch.equal(out, before)
