@@ -40,17 +40,21 @@ def _import_comfy() -> SimpleNamespace | None:
         import comfy.model_management
         import comfy.model_patcher
         import comfy.ops
+        import comfy.patcher_extension
         import comfy.utils
         import comfy.weight_adapter.base
         import folder_paths
     except ImportError:
         return None
     return SimpleNamespace(mm=comfy.model_management, patcher=comfy.model_patcher, ops=comfy.ops,
+                           callbacks=comfy.patcher_extension.CallbacksMP,
                            utils=comfy.utils, adapter_base=comfy.weight_adapter.base.WeightAdapterBase,
                            folder_paths=folder_paths)
 
 
 _COMFY = _import_comfy()
+# Key under which the pack registers its ModelPatcher callbacks, so they never collide with other packs.
+PATCH_OWNER = "scw"
 
 # Folder aliases of ComfyUI (folder_paths.map_legacy plus the two-folder defaults).
 FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
@@ -239,7 +243,28 @@ def wrap(module: nn.Module, kind: str) -> ModelHandle:
         load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
     else:
         load, offload = mm.get_torch_device(), mm.unet_offload_device()
-    return ModelHandle(_COMFY.patcher.ModelPatcher(module, load_device=load, offload_device=offload), kind)
+    patcher = _COMFY.patcher.ModelPatcher(module, load_device=load, offload_device=offload)
+    patcher.add_callback_with_key(_COMFY.callbacks.ON_LOAD, PATCH_OWNER, _patch_unreachable_weights)
+    return ModelHandle(patcher, kind)
+
+
+def _unreachable_parameters(module: nn.Module) -> set[str]:
+    """Parameters ComfyUI's loader never patches: those of a module that also has parameterised children
+    (e.g. the packed ``attn.in_proj_weight`` beside ``attn.out_proj``, Stage A's ``gammas``)."""
+    found = set()
+    for name, mod in module.named_modules():
+        own = [n for n, _ in mod.named_parameters(recurse=False)]
+        if own and len(own) != sum(1 for _ in mod.parameters()):
+            found.update(f"{name}.{n}" if name else n for n in own)
+    return found
+
+
+def _patch_unreachable_weights(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    # ON_LOAD callback: without it, LoRA patches on packed q/k/v weights would be silently dropped.
+    # Keys already in patcher.backup were patched by this load; unpatch_model restores every backed-up key.
+    for key in _unreachable_parameters(patcher.model) & set(patcher.patches):
+        if key not in patcher.backup:
+            patcher.patch_weight_to_device(key, device_to=device_to)
 
 
 def module_of(handle: ModelHandle | nn.Module) -> nn.Module:

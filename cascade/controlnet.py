@@ -128,7 +128,9 @@ class ControlNetConfig:
             n_blocks = len({m.group(1) for k in sd if (m := re.match(r"backbone\.(\d+)\.blocks\.0\.weight$", k))})
             out_key = f"backbone.{3 + n_blocks}.weight"
             if out_key not in sd or "backbone.2.weight" not in sd:
-                raise CheckpointError(f"{what}: 'large' backbone without {out_key} or backbone.2.weight; the file is damaged.")
+                raise CheckpointError(
+                    f"{what}: 'large' backbone without {out_key} or backbone.2.weight; the file is damaged."
+                )
             cfg = cls(c_in=int(sd["backbone.0.weight"].shape[1]), c_proj=c_proj, proj_blocks=proj_blocks,
                       bottleneck_mode="large", c_large_hidden=int(sd["backbone.0.weight"].shape[0]),
                       c_large=int(sd["backbone.2.weight"].shape[0]), large_blocks=n_blocks,
@@ -139,7 +141,8 @@ class ControlNetConfig:
         else:
             raise CheckpointError(
                 f"{what}: the backbone keys fit none of the modes {MODES} (no backbone.0.0.weight, "
-                "backbone.3.blocks.0.weight or backbone.0.weight); the file is damaged or not a Stable Cascade ControlNet."
+                "backbone.3.blocks.0.weight or backbone.0.weight); the file is damaged or not a Stable Cascade "
+                "ControlNet."
             )
         _check_keys(cfg, sd, what)
         return cfg

@@ -89,7 +89,8 @@ class Previewer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config.c_in:
             raise ShapeError(
-                f"Previewer: latent has shape {tuple(x.shape)}; expected a Stage C latent (B, {self.config.c_in}, h, w). "
+                f"Previewer: latent has shape {tuple(x.shape)}; expected a Stage C latent "
+                f"(B, {self.config.c_in}, h, w). "
                 "A Stage B latent (4 channels) has no preview model."
             )
         return self.blocks(x)

@@ -285,7 +285,8 @@ class StageA(nn.Module):
             for _ in range(cfg.bottleneck_blocks if i == 0 else 1):
                 up.append(StageAResBlock(c, c * 4, operations=ops, **kw))
             if i < cfg.levels - 1:
-                up.append(ops.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], kernel_size=4, stride=2, padding=1, **kw))
+                c_next = c_levels[cfg.levels - 2 - i]
+                up.append(ops.ConvTranspose2d(c, c_next, kernel_size=4, stride=2, padding=1, **kw))
         self.up_blocks = nn.Sequential(*up)
         self.out_block = nn.Sequential(ops.Conv2d(c_levels[0], 3 * 4, kernel_size=1, **kw), nn.PixelShuffle(2))
         self.eval()  # BatchNorm uses its running statistics unless someone trains this module

@@ -424,3 +424,16 @@ def test_nodes_make_inputs_and_the_demo_controlnet_fits():
     with pytest.raises(CascadeError, match="connect SCW_CannyControl"):
         nodes.ApplyControlNet().apply(base, demo, torch.rand(1, 1, 64, 64), 1.0, 0.0, 1.0)
     assert math.isclose(nodes.SR_OUTPUT_PER_CELL * 48, 2048)
+
+
+def test_release_controlnets_fit_the_big_stage_c(caplog):
+    """The 3.6B Stage C makes 64 ResBlock calls, so all eight released projections land (the lite one: 32)."""
+    assert cn.resblock_calls(StageCConfig.big()) == 64 and cn.resblock_calls(StageCConfig.lite()) == 32
+    big = host.wrap(StageC(StageCConfig.big(), device="meta"), "stage_c")
+    for cfg, hint in ((ControlNetConfig.canny(), torch.rand(1, 1, 64, 64)),
+                      (ControlNetConfig.inpainting(), torch.rand(1, 4, 64, 64)),
+                      (ControlNetConfig.super_resolution(), torch.rand(1, 16, 4, 4))):
+        model = cn.ControlNetModel(ControlNet(cfg, device="meta"), "release")
+        with caplog.at_level("WARNING"):
+            cn.check_fit(big, model, cn.ControlHint(hint, "x"))
+    assert "unused" not in caplog.text

@@ -122,7 +122,8 @@ def test_large_backbone_matches_functional_reference():
             p = f"backbone.{b}.blocks."
             t = h
             for ln, conv in ((0, 2), (3, 5)):
-                t = F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), sd[f"{p}{ln}.weight"], sd[f"{p}{ln}.bias"], 1e-5)
+                affine = sd[f"{p}{ln}.weight"], sd[f"{p}{ln}.bias"]
+                t = F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), *affine, 1e-5)
                 t = F.conv2d(F.gelu(t.permute(0, 3, 1, 2)), sd[f"{p}{conv}.weight"], sd[f"{p}{conv}.bias"], padding=1)
             h = h + t
         h = F.conv2d(h, sd[f"backbone.{3 + cfg.large_blocks}.weight"], sd[f"backbone.{3 + cfg.large_blocks}.bias"])
@@ -163,7 +164,7 @@ def test_feeds_a_tiny_stage_c():
     stage_c = pytest.importorskip("comfyui_stablecascade.cascade.stage_c")
     c_cfg = stage_c.StageCConfig.tiny()
     unet = stage_c.StageC(c_cfg).eval()
-    cnet_cfg = dataclasses.replace(ControlNetConfig.tiny(c_proj=c_cfg.c_hidden[0]), proj_blocks=(0, 1, 2, 3, 4, 5, 6, 7))
+    cnet_cfg = dataclasses.replace(ControlNetConfig.tiny(c_proj=c_cfg.c_hidden[0]), proj_blocks=tuple(range(8)))
     cnet, _ = _build(cnet_cfg)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1, 16, 8, 8, generator=gen)

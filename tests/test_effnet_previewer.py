@@ -137,7 +137,8 @@ def test_effnet_matches_functional_reference():
     with torch.no_grad():
         feats = _functional_features(sd, cfg, normalize_imagenet(img))
         mapped = F.conv2d(feats, sd["mapper.0.weight"])
-        want = F.batch_norm(mapped, sd["mapper.1.running_mean"], sd["mapper.1.running_var"], None, None, False, 0.0, 1e-5)
+        stats = sd["mapper.1.running_mean"], sd["mapper.1.running_var"]
+        want = F.batch_norm(mapped, *stats, None, None, False, 0.0, 1e-5)
         got = net.encode_image(img)
     assert want.std() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

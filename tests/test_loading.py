@@ -12,8 +12,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
 import tiny_checkpoints as tc
+import torch
 
 from comfyui_stablecascade.cascade import keymaps, loading
 from comfyui_stablecascade.cascade.errors import CheckpointError, StageMismatchError, UnknownLayoutError

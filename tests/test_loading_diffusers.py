@@ -7,8 +7,8 @@ Separate from test_loading.py because importing diffusers takes several seconds.
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny_checkpoints as tc
+import torch
 
 from comfyui_stablecascade.cascade import loading
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from comfyui_stablecascade.cascade import stage_a
 from comfyui_stablecascade.cascade.errors import CheckpointError, ShapeError
-from comfyui_stablecascade.cascade.stage_a import SCALE_FACTOR, StageA, StageAConfig, StageAResBlock
+from comfyui_stablecascade.cascade.stage_a import SCALE_FACTOR, StageA, StageAConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS_SHAPES = os.environ.get("SCW_KEYS_SHAPES", "/work/shared/spec/keys_shapes.json")
@@ -20,7 +20,8 @@ TOL = 1e-4
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("scw_parity_stage_a", os.path.join(ROOT, "bench", "parity_stage_a.py"))
+    path = os.path.join(ROOT, "bench", "parity_stage_a.py")
+    spec = importlib.util.spec_from_file_location("scw_parity_stage_a", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
