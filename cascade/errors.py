@@ -17,6 +17,10 @@ class StageMismatchError(CascadeError):
     """A tensor or model of one stage was given where another stage is expected."""
 
 
+class WrongModelError(CheckpointError, StageMismatchError):
+    """A readable file of another kind was given to a loader (a Stage B to the Stage C loader, ...)."""
+
+
 class ShapeError(CascadeError):
     """A tensor has a shape the receiving network cannot use."""
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import keymaps
-from .errors import CascadeError, CheckpointError, StageMismatchError, UnknownLayoutError
+from .errors import CascadeError, CheckpointError, UnknownLayoutError, WrongModelError
 from .keymaps import NAMES, Detected
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,6 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 _SUBFOLDERS = {"stage_c": ("prior", "prior_lite"), "stage_b": ("decoder", "decoder_lite"), "stage_a": ("vqgan",),
                "text_encoder": ("text_encoder",), "clip_vision": ("image_encoder",)}
 _VARIANTS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-class WrongModelError(CheckpointError, StageMismatchError):
-    """A readable file of another kind was given to a loader (a Stage B to the Stage C loader, ...)."""
 
 
 # ---- files -------------------------------------------------------------------------------------
