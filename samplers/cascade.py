@@ -23,7 +23,7 @@ from .. import host
 from ..cascade.errors import CascadeError, ShapeError, StageMismatchError
 from ..cascade.stage_a import SCALE_FACTOR
 from ..model_patches import controlnet as controlnets
-from . import schedule
+from . import img2img, schedule
 from .guidance import CFGDenoiser
 from .noise import make_noise_sampler, prepare_noise
 from .sampling import SAMPLERS, add_noise
@@ -229,9 +229,8 @@ def initial_state(x0: torch.Tensor, noise: torch.Tensor, logsnrs: torch.Tensor, 
         return noise
     if variant == "consistent":
         return add_noise(x0, noise, logsnrs[0])
-    if variant == "official":
-        return add_noise(x0, noise, schedule.logsnr(float(denoise), shift=1.0))
-    raise CascadeError(f"image-to-image noising {variant!r} is unknown; use 'consistent' or 'official'")
+    # The official rule (and the error for an unknown mode) lives in img2img, shared with its nodes.
+    return img2img.noise_latent(x0, noise, float(denoise), variant)
 
 
 def _device(handle: Any, module: torch.nn.Module) -> torch.device:
