@@ -133,11 +133,12 @@ def gelu_sum_of_squares_(x: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.T
     """
     bsz, n, c = x.shape
     rows = max(1, chunk_elems // c)
-    acc = x.new_zeros(bsz, c)
+    # The statistic accumulates in float32 (as torch's own reductions do) so bf16 runs keep its precision.
+    acc = x.new_zeros(bsz, c, dtype=torch.float32)
     for b in range(bsz):
         for s in range(0, n, rows):
             part = torch.ops.aten.gelu_(x[b, s : s + rows])
-            acc[b] += (part * part).sum(0)
+            acc[b] += (part * part).sum(0, dtype=torch.float32)
     return acc
 
 
@@ -157,8 +158,8 @@ class GlobalResponseNorm(nn.Module):
         """
         norm = sum_sq.sqrt()
         scale = norm / (norm.mean(dim=-1, keepdim=True) + GRN_EPS)
-        scale = torch.addcmul(torch.ones_like(scale), self.gamma.to(dtype).view(1, -1), scale)
-        return scale, self.beta.to(dtype).view(-1)
+        scale = torch.addcmul(torch.ones_like(scale), self.gamma.view(1, -1).to(scale.dtype), scale)
+        return scale.to(dtype), self.beta.to(dtype).view(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> GRN(x)."""
@@ -229,8 +230,9 @@ class ResBlock(nn.Module):
         if _is_plain_linear(lin2, h) and tokens >= c:
             # Many tokens per channel: scale lin2's input columns (c x 4c per sample) instead of the
             # activation (tokens x 4c), and accumulate straight into the residual.
-            w = lin2.weight.unsqueeze(0) * scale.unsqueeze(1)
-            res.baddbmm_(h, w.transpose(1, 2))
+            # One 2-D GEMM per sample: CPU bmm may thread over the batch only, leaving a core idle at B=1.
+            for b in range(bsz):
+                res[b].addmm_(h[b], (lin2.weight * scale[b]).t())
             bias = torch.addmv(lin2.bias, lin2.weight, beta) if lin2.bias is not None else lin2.weight @ beta
             res.add_(bias)
         elif _is_plain_linear(lin2, h):
