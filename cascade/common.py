@@ -158,8 +158,10 @@ class GlobalResponseNorm(nn.Module):
         """
         norm = sum_sq.sqrt()
         scale = norm / (norm.mean(dim=-1, keepdim=True) + GRN_EPS)
-        scale = torch.addcmul(torch.ones_like(scale), self.gamma.view(1, -1).to(scale.dtype), scale)
-        return scale.to(dtype), self.beta.to(dtype).view(-1)
+        # Device too: in ComfyUI's low-VRAM mode parameters outside its layer types stay offloaded.
+        gamma = self.gamma.view(1, -1).to(device=scale.device, dtype=scale.dtype)
+        scale = torch.addcmul(torch.ones_like(scale), gamma, scale)
+        return scale.to(dtype), self.beta.to(device=scale.device, dtype=dtype).view(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> GRN(x)."""

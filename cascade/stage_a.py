@@ -157,14 +157,14 @@ class StageAResBlock(nn.Module):
         elif not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            g = self.gammas.to(x.dtype)
+            g = self.gammas.to(device=x.device, dtype=x.dtype)
             self._depthwise_into(x, g)
             self._mlp_into(x, g)
         return x
 
     def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:
         """Reference formulation through the module calls (training, autograd, host-provided layers)."""
-        g = self.gammas.to(x.dtype)
+        g = self.gammas.to(device=x.device, dtype=x.dtype)
         c = x.shape[1]
         t = nchw(F.layer_norm(nhwc(x), (c,), eps=LN_EPS)) * (1 + g[0]) + g[1]
         x = x + self.depthwise(t) * g[2]

@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   # The constraint keeps pip from replacing the CPU torch while resolving the rest.
-  .venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
+  .venv/bin/python -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > .venv/torch-constraint.txt
   .venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
