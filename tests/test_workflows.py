@@ -190,7 +190,12 @@ def test_api_prompt_maps_widgets_and_links():
     assert headless.CONTROL_WIDGET not in sampler["inputs"]
     src, slot = sampler["inputs"]["latent"]
     assert prompt[src]["class_type"] == "SCW_EmptyLatent" and slot == 0
-    assert "previewer" not in sampler["inputs"]
+    src, slot = sampler["inputs"]["previewer"]
+    assert prompt[src]["class_type"] == "SCW_PreviewerLoader" and slot == 0
+    # An optional input left unconnected is left out of the API prompt, as ComfyUI's frontend does.
+    other = headless.to_api_prompt(_load("lora.json"), _classes())
+    lora_sampler = next(e for e in other.values() if e["class_type"] == "SCW_StageCSampler")
+    assert "previewer" not in lora_sampler["inputs"]
 
 
 def test_reroute_and_bypass_are_followed():
