@@ -304,18 +304,18 @@ def test_progress_goes_through_comfyuis_progress_bar(inproc: InProcess) -> None:
         calls.append((value, total, preview))
 
     prompt = _local_prompt(env)
-    previewer = env.classes["SCW_PreviewerLoader"]().load("previewer.safetensors", "default")[0]
     # ComfyUI's default is --preview-method none; a user who wants previews picks one (auto here).
     method, args.preview_method = args.preview_method, LatentPreviewMethod.Auto
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         outputs = _run_nodes(env, {k: v for k, v in prompt.items() if v["class_type"] in
                                    ("SCW_StageCLoader", "SCW_TextEncoderLoader", "SCW_TextEncode",
-                                    "SCW_EmptyLatent")})
+                                    "SCW_EmptyLatent", "SCW_PreviewerLoader")})
         node = prompt[h.node_id(prompt, "SCW_StageCSampler")]
         kwargs = {k: (outputs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
         cls = env.classes["SCW_StageCSampler"]
-        getattr(cls(), cls.FUNCTION)(**kwargs, previewer=previewer)
+        assert "previewer" in kwargs, "text_to_image.json connects the Previewer for live previews"
+        getattr(cls(), cls.FUNCTION)(**kwargs)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         args.preview_method = method
