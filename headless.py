@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -273,6 +274,13 @@ def execution_order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> 
         raise WorkflowError("the workflow has no output node (e.g. SaveImage), so nothing would run - add one")
     order: list[str] = []
     state: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+
+    def upstream(node_id: str) -> int:
+        if node_id not in sizes:
+            sizes[node_id] = 0  # a cycle is reported by visit(); this only keeps the count finite
+            sizes[node_id] = 1 + sum(upstream(v[0]) for v in prompt[node_id]["inputs"].values() if isinstance(v, list))
+        return sizes[node_id]
 
     def visit(node_id: str) -> None:
         if state.get(node_id) == "done":
@@ -280,9 +288,11 @@ def execution_order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> 
         if state.get(node_id) == "active":
             raise WorkflowError(f"the workflow has a cycle through node {node_id}")
         state[node_id] = "active"
-        for value in prompt[node_id]["inputs"].values():
-            if isinstance(value, list):
-                visit(value[0])
+        # Deepest inputs first, so a loader (no inputs) runs just before the node that needs it and its network
+        # is not resident while earlier stages run.
+        links = [v for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
+        for value in sorted(links, key=lambda v: -upstream(v[0])):
+            visit(value[0])
         state[node_id] = "done"
         order.append(node_id)
 
@@ -299,9 +309,15 @@ def _hidden_inputs(cls: type, node_id: str, prompt: dict, workflow: Mapping | No
 
 def execute(prompt: dict[str, dict], classes: Mapping[str, type], workflow: Mapping | None = None,
             output: Any = None) -> dict[str, tuple]:
-    """Run the nodes in dependency order; returns each node's outputs by node id."""
+    """Run the nodes in dependency order; returns the output nodes' results by node id.
+
+    A node's outputs are dropped after their last consumer ran (networks handed back to the host), so a
+    stage's networks are not held while later stages run.
+    """
     results: dict[str, tuple] = {}
-    for node_id in execution_order(prompt, classes):
+    order = execution_order(prompt, classes)
+    pending = Counter(v[0] for n in order for v in prompt[n]["inputs"].values() if isinstance(v, list))
+    for node_id in order:
         entry = prompt[node_id]
         cls = classes[entry["class_type"]]
         kwargs = {name: results[v[0]][v[1]] if isinstance(v, list) else v for name, v in entry["inputs"].items()}
@@ -315,6 +331,11 @@ def execute(prompt: dict[str, dict], classes: Mapping[str, type], workflow: Mapp
             log.error("ComfyUI-StableCascade: node %s (%s) failed", node_id, entry["class_type"])
             raise
         results[node_id] = tuple(out.get("result", ()) if isinstance(out, dict) else out)
+        for value in entry["inputs"].values():
+            if isinstance(value, list):
+                pending[value[0]] -= 1
+                if pending[value[0]] == 0:
+                    _pack_module("host").forget(results.pop(value[0], ()))
     return results
 
 

@@ -304,6 +304,15 @@ def unload_all() -> None:
         _MANAGER.unload_all()
 
 
+def forget(values: Iterable[Any]) -> None:
+    """Built-in manager: the caller drops these node outputs, so their networks leave the resident set and
+    can be freed. Inside ComfyUI its own execution cache and memory manager decide; nothing to do."""
+    if _COMFY is None:
+        for value in values:
+            if isinstance(value, ModelHandle):
+                _MANAGER.evict(value.patcher)
+
+
 def _patchers(handles: Iterable[ModelHandle | None]) -> list[Any]:
     out = []
     for h in handles:

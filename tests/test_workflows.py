@@ -307,3 +307,29 @@ def test_cli_runs_as_a_script(empty_models, tmp_path):
     assert out.is_file() and result.stdout == ""
     assert "TINY RANDOM Stage C" in result.stderr and "models/diffusion_models/" in result.stderr
     assert json.loads(Image.open(out).text["prompt"])
+
+
+def test_networks_are_loaded_when_needed_and_released_after_their_last_use(empty_models, tmp_path, monkeypatch):
+    wf = _fast(_load("text_to_image.json"))
+    prompt = headless.to_api_prompt(wf, _classes())
+    order = [prompt[n]["class_type"] for n in headless.execution_order(prompt, _classes())]
+    # Each loader runs just before its stage, so earlier stages never hold its network.
+    assert order.index("SCW_StageALoader") > order.index("SCW_StageBSampler")
+    assert order.index("SCW_StageBLoader") > order.index("SCW_StageCSampler")
+    assert order.index("SCW_StageBLoader") == order.index("SCW_StageBSampler") - 1
+
+    host.unload_all()  # networks other tests left resident in the process-wide manager
+    resident_at_start: dict[str, list[str]] = {}
+    real_load = host.load
+
+    def spy(handles, memory_required=0):
+        real_load(handles, memory_required)
+        names = [type(m).__name__ for m in host.loaded_handles()]
+        resident_at_start.setdefault(type(host.module_of(handles[0])).__name__, names)
+
+    monkeypatch.setattr(host, "load", spy)
+    headless.run_workflow(wf, out=str(tmp_path / "x.png"))
+    # When Stage A decodes, Stage C and the text encoder (their last consumers ran) are gone.
+    assert resident_at_start["StageA"] == ["StageA"], resident_at_start
+    assert "StageC" not in resident_at_start["StageB"] and "TextEncoder" not in resident_at_start["StageB"]
+    assert host.loaded_handles() == []
