@@ -13,7 +13,8 @@ fp32) and both sides compute in fp32.
 Each side runs in a fresh subprocess after its files were read once (warm page cache for both):
 - pack: an API-format prompt of the shipped text-to-image graph (loaders, two SCW_TextEncode, SCW_EmptyLatent,
   SCW_StageCSampler, SCW_StageBSampler, SCW_StageADecode, SaveImage) checked by ``headless.validate`` and run in
-  ``headless.execution_order`` with the built-in host manager, every node output kept as ComfyUI keeps them;
+  ``headless.execution_order`` with the built-in host manager, each node's outputs handed back
+  (``host.forget``) after their last consumer ran, as ``headless.execute`` does;
 - diffusers: StableCascadePriorPipeline + StableCascadeDecoderPipeline built from the components in code;
   the prompt is encoded once (``encode_prompt``) and the embeddings are passed to both pipelines, as the pack
   encodes once for both stages. ``--diffusers-load meta`` (default) loads each U-Net / VQGAN as diffusers'
@@ -279,13 +280,13 @@ def run_pack(args: argparse.Namespace, rec: Recorder) -> dict:
     headless.validate({i: prompt[i] for i in order}, classes)
     staged = args.worker == "pack_staged"
     if staged:
-        # What a lazy executor could do: each loader runs just before its stage, and a node's outputs are
-        # dropped (and the manager told to let go) after their last consumer ran. Not what the pack does today.
+        # A fixed hand-written order with everything unloaded after each stage: a reference point for what the
+        # headless executor now does on its own.
         order = ["2", "5", "6", "7", "1", "8", "3", "9", "4", "10", "11"]
     last_use = {src[0]: node_id for node_id in order for src in prompt[node_id]["inputs"].values()
                 if isinstance(src, list)}
     output = _pack("nodes.core_standins").OutputPlan(out=str(Path(args.out_dir) / f"{args.worker}.png"))
-    results: dict[str, tuple] = {}  # kept to the end (unless staged), as ComfyUI's output cache keeps them
+    results: dict[str, tuple] = {}
     per_node, held, image = [], {}, None
     weights = {"1": "stage_c", "2": "text_encoder", "3": "stage_b", "4": "stage_a"}
     for node_id in order:
@@ -306,13 +307,17 @@ def run_pack(args: argparse.Namespace, rec: Recorder) -> dict:
             if node_id == "10":
                 image = _image_stats(results["10"][0])
             del kwargs, out
+            done = [src for src, last in last_use.items() if last == node_id]
             if staged:
-                done = [src for src, last in last_use.items() if last == node_id]
                 if any(src in weights for src in done):
                     host.unload_all()
                 for src in done:
                     results.pop(src, None)
                 gc.collect()
+            else:
+                # What headless.execute does: a node's outputs go after their last consumer ran.
+                for src in done:
+                    host.forget(results.pop(src, ()))
         per_node.append((node_id, entry["class_type"], round(time.perf_counter() - t0, 2),
                          _status_kb()["VmRSS"] // 1024))
     rec.mark("end")
