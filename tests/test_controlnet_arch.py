@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from comfyui_stablecascade.cascade.controlnet import RELEASE_PROJ_BLOCKS, ControlNet, ControlNetConfig
 from comfyui_stablecascade.cascade.errors import CheckpointError, ShapeError
 
-KEYS_SHAPES = os.environ.get("SCW_KEYS_SHAPES", "/work/shared/spec/keys_shapes.json")
+# A copy of the spec's keys_shapes.json (every key and shape of every released module) ships with the tests.
+KEYS_SHAPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keys_shapes.json")
 RELEASES = {
     "ControlNet canny (effnet, c_in=1)": (ControlNetConfig.canny(), 54_255_776),
     "ControlNet inpaint (effnet, c_in=4)": (ControlNetConfig.inpainting(), 54_256_424),

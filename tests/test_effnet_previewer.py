@@ -16,7 +16,8 @@ from comfyui_stablecascade.cascade.effnet import (
 from comfyui_stablecascade.cascade.errors import CheckpointError, ShapeError
 from comfyui_stablecascade.cascade.previewer import Previewer, PreviewerConfig
 
-KEYS_SHAPES = os.environ.get("SCW_KEYS_SHAPES", "/work/shared/spec/keys_shapes.json")
+# A copy of the spec's keys_shapes.json (every key and shape of every released module) ships with the tests.
+KEYS_SHAPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keys_shapes.json")
 needs_spec = pytest.mark.skipif(not os.path.exists(KEYS_SHAPES), reason="keys_shapes.json (the spec) is not available")
 
 
