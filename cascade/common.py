@@ -389,6 +389,20 @@ class UNetCore(nn.Module):
     ``up_upscalers`` and ``up_repeat_mappers`` with :meth:`_build_levels`, then call :meth:`_run_unet`.
     """
 
+    @staticmethod
+    def _make_embedding(cfg: Any, dtype: Any, device: Any, ops: Any) -> nn.Sequential:
+        """PixelUnshuffle(patch) -> Conv1x1(c_in * p^2 -> c_hidden[0]) -> LN2d (keys ``embedding.1.*``)."""
+        p = cfg.patch_size
+        conv = ops.Conv2d(cfg.c_in * p * p, cfg.c_hidden[0], kernel_size=1, dtype=dtype, device=device)
+        return nn.Sequential(nn.PixelUnshuffle(p), conv, LayerNorm2d())
+
+    @staticmethod
+    def _make_clf(cfg: Any, dtype: Any, device: Any, ops: Any) -> nn.Sequential:
+        """LN2d -> Conv1x1(c_hidden[0] -> c_out * p^2) -> PixelShuffle(patch) (keys ``clf.1.*``)."""
+        p = cfg.patch_size
+        conv = ops.Conv2d(cfg.c_hidden[0], cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device)
+        return nn.Sequential(LayerNorm2d(), conv, nn.PixelShuffle(p))
+
     def _build_levels(self, cfg: Any, make_downscaler: Any, make_upscaler: Any, dtype: Any, device: Any, ops: Any):
         hidden, levels = cfg.c_hidden, len(cfg.c_hidden)
         dropout = cfg.dropout if isinstance(cfg.dropout, (tuple, list)) else (cfg.dropout,) * levels

@@ -149,15 +149,11 @@ class StageB(UNetCore):
         super().__init__()
         ops = resolve_ops(operations)
         self.config = cfg = config
-        c0, p = cfg.c_hidden[0], cfg.patch_size
+        c0 = cfg.c_hidden[0]
         self.effnet_mapper = _mapper(cfg.c_effnet, c0, dtype, device, ops)
         self.pixels_mapper = _mapper(cfg.c_pixels, c0, dtype, device, ops)
         self.clip_mapper = ops.Linear(cfg.c_clip, cfg.c_cond * cfg.c_clip_seq, dtype=dtype, device=device)
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(p),
-            ops.Conv2d(cfg.c_in * p * p, c0, kernel_size=1, dtype=dtype, device=device),
-            LayerNorm2d(),
-        )
+        self.embedding = self._make_embedding(cfg, dtype, device, ops)
 
         def downscaler(i: int) -> nn.Module:
             c_prev, c = cfg.c_hidden[i - 1], cfg.c_hidden[i]
@@ -170,11 +166,7 @@ class StageB(UNetCore):
             return nn.Sequential(LayerNorm2d(), conv)
 
         self._build_levels(cfg, downscaler, upscaler, dtype, device, ops)
-        self.clf = nn.Sequential(
-            LayerNorm2d(),
-            ops.Conv2d(c0, cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device),
-            nn.PixelShuffle(p),
-        )
+        self.clf = self._make_clf(cfg, dtype, device, ops)
         # Inference network: start in eval mode (dropout off, in-place fast paths on); .train() still works.
         self.eval()
 

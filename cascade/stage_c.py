@@ -152,16 +152,11 @@ class StageC(UNetCore):
         super().__init__()
         ops = resolve_ops(operations)
         self.config = cfg = config
-        c0, p = cfg.c_hidden[0], cfg.patch_size
         self.clip_txt_mapper = ops.Linear(cfg.c_clip_text, cfg.c_cond, dtype=dtype, device=device)
         seq_width = cfg.c_cond * cfg.c_clip_seq
         self.clip_txt_pooled_mapper = ops.Linear(cfg.c_clip_text_pooled, seq_width, dtype=dtype, device=device)
         self.clip_img_mapper = ops.Linear(cfg.c_clip_img, seq_width, dtype=dtype, device=device)
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(p),
-            ops.Conv2d(cfg.c_in * p * p, c0, kernel_size=1, dtype=dtype, device=device),
-            LayerNorm2d(),
-        )
+        self.embedding = self._make_embedding(cfg, dtype, device, ops)
 
         def downscaler(i: int) -> nn.Module:
             block = UpDownBlock2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], "down", cfg.switch_level, dtype, device, ops)
@@ -172,11 +167,7 @@ class StageC(UNetCore):
             return nn.Sequential(LayerNorm2d(), block)
 
         self._build_levels(cfg, downscaler, upscaler, dtype, device, ops)
-        self.clf = nn.Sequential(
-            LayerNorm2d(),
-            ops.Conv2d(c0, cfg.c_out * p * p, kernel_size=1, dtype=dtype, device=device),
-            nn.PixelShuffle(p),
-        )
+        self.clf = self._make_clf(cfg, dtype, device, ops)
         # Inference network: start in eval mode (dropout off, in-place fast paths on); .train() still works.
         self.eval()
 
