@@ -147,8 +147,9 @@ class GlobalResponseNorm(nn.Module):
 
     def __init__(self, dim: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.gamma = nn.Parameter(torch.empty(1, 1, 1, dim, dtype=dtype, device=device))
-        self.beta = nn.Parameter(torch.empty(1, 1, 1, dim, dtype=dtype, device=device))
+        # Zero gamma/beta make a fresh GRN the identity (ConvNeXt-V2's init); loads overwrite them.
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim, dtype=dtype, device=device))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim, dtype=dtype, device=device))
 
     def factors(self, sum_sq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale (B, C), beta (C,)) with GRN(x) = x * scale + beta, from the per-(B, C) sum of x**2 over H, W.
@@ -302,6 +303,13 @@ class PackedMultiheadAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * c, c, dtype=dtype, device=device))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * c, dtype=dtype, device=device))
         self.out_proj = ops.Linear(c, c, dtype=dtype, device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.MultiheadAttention``'s init, so a network that is built but not loaded is finite (meta: no-op)."""
+        if self.in_proj_weight.device.type != "meta":
+            nn.init.xavier_uniform_(self.in_proj_weight)
+            nn.init.zeros_(self.in_proj_bias)
 
     def attend(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
         """q_in (B, L, c), kv_in (B, S, c) -> attention output (B, L, c) before ``out_proj``."""

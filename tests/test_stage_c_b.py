@@ -293,3 +293,20 @@ def test_blocks_leave_their_input_alone_unless_told():
         with torch.no_grad():
             out = call(block, x)
         assert torch.equal(x, before) and not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("cls,cfg,inputs", [(StageC, StageCConfig.tiny(), _c_inputs(h=6, w=8)),
+                                            (StageB, StageBConfig.tiny(), _b_inputs(h=16, w=24))], ids=["c", "b"])
+def test_fresh_network_is_initialised(cls, cfg, inputs):
+    """A network built but not loaded (the start of training, or a host's probe) has no uninitialised memory."""
+    torch.manual_seed(9)
+    net = cls(cfg)
+    for name, p in net.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith(("gamma", "beta", "in_proj_bias")):
+            assert not p.any(), f"{name} should start at zero"
+    with torch.no_grad():
+        assert torch.isfinite(net(**inputs)).all()
+    grn = common.GlobalResponseNorm(8)
+    x = torch.randn(2, 3, 4, 8)
+    torch.testing.assert_close(grn(x), x, rtol=0, atol=0)
