@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .cascade.errors import CascadeError, CheckpointError, SamplingInterrupted, ShapeError
-from .host_builtin import BuiltinManager, BuiltinPatcher, PatchValue, free_memory as _builtin_free_memory
+from .cascade.tiling import available_memory
+from .host_builtin import BuiltinManager, BuiltinPatcher, PatchValue
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def free_memory(device: torch.device | None = None) -> int:
     dev = torch.device(device) if device is not None else compute_device()
     if _COMFY is not None:
         return int(_COMFY.mm.get_free_memory(dev))
-    return _builtin_free_memory(dev)
+    return available_memory(dev)
 
 
 def loaded_handles() -> list[nn.Module]:

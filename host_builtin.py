@@ -148,20 +148,6 @@ class BuiltinPatcher:
         state.applied = None
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the CUDA driver's count, or the kernel's MemAvailable for the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 class BuiltinManager:
     """Which networks are on the compute device, within a memory budget; least recently used leave first.
 
