@@ -11,16 +11,13 @@ total multiplies each block by how often one forward runs it (Stage B lite at 25
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
-import sys
 import time
 from typing import Any, Callable
 
 import torch
+from benchlib import cascade_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name, batch, height, width, channels, c_cond, cond tokens, ResBlock calls, AttnBlock calls per forward
 CASES = [
     ("Stage B lite level 0 (128x128)", 1, 128, 128, 320, 1280, 4, 6, 0),
@@ -29,16 +26,6 @@ CASES = [
     ("Stage B lite level 3 (16x16)", 1, 16, 16, 1152, 1280, 4, 12, 12),
     ("Stage C lite (2x24x24)", 2, 24, 24, 1536, 1536, 85, 32, 32),
 ]
-
-
-def _common() -> Any:
-    pkg = "comfyui_stablecascade"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_loader(pkg, loader=None, is_package=True)
-        module = importlib.util.module_from_spec(spec)
-        module.__path__ = [ROOT]
-        sys.modules[pkg] = module
-    return importlib.import_module(f"{pkg}.cascade.common")
 
 
 def _best_ms(fn: Callable[[], Any], clock: Callable[[], float], repeats: int) -> float:
@@ -70,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    common = _common()
+    common = cascade_module("common")
     from diffusers.models.unets import unet_stable_cascade as D
 
     print(f"# bench_blocks  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  threads {args.threads}  "

@@ -17,7 +17,6 @@ machine without changing the arithmetic; the report prints it next to the speed-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,20 +25,13 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import bench_forward  # same builds, weights and inputs as the timing benchmark
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
 BINS = ("gemm", "conv", "attention", "other")
 # Under inference mode the mode sees ops before their composite decomposition (linear, conv2d, SDPA).
 _GEMM = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "matmul", "addmv", "addmv_", "mv", "linear"}
-
-
-def _bench_forward() -> Any:
-    spec = importlib.util.spec_from_file_location("scw_bench_forward", os.path.join(BENCH, "bench_forward.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _bin(func: Any) -> str:
@@ -72,7 +64,7 @@ class OpTimer(TorchDispatchMode):
 
 def worker(impl: str, model: str, repeats: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    run, _ = _bench_forward().build(impl, model)
+    run, _ = bench_forward.build(impl, model)
     best: dict[str, Any] | None = None
     with torch.inference_mode():
         run()  # warm-up: first-call allocations and kernel selection are not part of the steady state
@@ -111,7 +103,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.model, args.repeats, args.threads)
         return
-    names = _bench_forward().MODELS
+    names = bench_forward.MODELS
     print(f"# bench_breakdown  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  torch {torch.__version__}  "
           f"threads {args.threads}  loadavg(1m) at start {os.getloadavg()[0]:.2f}")
     print(f"{'model':32} {'impl':9} {'timed s':>7} {'plain s':>7} " + " ".join(f"{b + ' s':>11}" for b in BINS))

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from benchlib import ROOT, file_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("load", "text", "stage_c", "stage_b", "stage_a", "save")
 PROMPT = "cinematic photo of a red fox sitting in fresh snow at golden hour, shallow depth of field"
 FILES = {  # name -> path under workdir
@@ -63,20 +63,11 @@ FILES = {  # name -> path under workdir
 }
 
 
-def _file_module(name: str, path: str) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _pack(name: str) -> Any:
     """``comfyui_stablecascade.<name>``, the package loaded as ComfyUI loads a custom-node folder."""
     import importlib
 
-    headless = _file_module("scw_headless_loader", os.path.join(ROOT, "headless.py"))
+    headless = file_module("scw_headless_loader", os.path.join(ROOT, "headless.py"))
     pkg = headless.load_pack()
     return importlib.import_module(f"{pkg.__name__}.{name}")
 
@@ -133,8 +124,8 @@ def prepare(workdir: Path, file_dtype: torch.dtype, seed: int) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextModelWithProjection
 
-    ref = _file_module("scw_diffusers_ref", os.path.join(ROOT, "bench", "diffusers_ref.py"))
-    pa = _file_module("scw_parity_stage_a", os.path.join(ROOT, "bench", "parity_stage_a.py"))
+    ref = file_module("scw_diffusers_ref", os.path.join(ROOT, "bench", "diffusers_ref.py"))
+    pa = file_module("scw_parity_stage_a", os.path.join(ROOT, "bench", "parity_stage_a.py"))
     stage_c, stage_b, stage_a, text = (_pack(f"cascade.{m}") for m in ("stage_c", "stage_b", "stage_a", "text"))
 
     def save(name: str, sd: dict[str, torch.Tensor]) -> None:
@@ -250,7 +241,7 @@ def _image_stats(img: torch.Tensor) -> dict[str, float]:
 
 def run_pack(args: argparse.Namespace, rec: Recorder) -> dict:
     os.environ["SCW_NO_COMFY"] = "1"
-    headless = _file_module("scw_headless", os.path.join(ROOT, "headless.py"))
+    headless = file_module("scw_headless", os.path.join(ROOT, "headless.py"))
     host = _pack("host")
     host.set_models_dir(str(Path(args.workdir) / "models"))
     name = lambda k: FILES[k].split("/", 2)[2]  # noqa: E731  (path inside its models/ subfolder)

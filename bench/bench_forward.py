@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -29,32 +28,13 @@ import time
 from typing import Any, Callable
 
 import torch
+from benchlib import BENCH, ROOT, cascade_module, file_module, status_kib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "bench")
 MODELS = {
     "c": "Stage C lite fwd (2x16x24x24)",
     "b": "Stage B lite fwd (1x4x256x256)",
     "a": "Stage A decode (1x4x256x256)",
 }
-
-
-def _load_file_module(name: str, path: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _pack(name: str) -> Any:
-    """``comfyui_stablecascade.cascade.<name>`` without running the pack's node layer."""
-    pkg = "comfyui_stablecascade"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_loader(pkg, loader=None, is_package=True)
-        module = importlib.util.module_from_spec(spec)
-        module.__path__ = [ROOT]
-        sys.modules[pkg] = module
-    return importlib.import_module(f"{pkg}.cascade.{name}")
 
 
 def stage_a_available() -> str | None:
@@ -64,7 +44,7 @@ def stage_a_available() -> str | None:
     if not os.path.exists(os.path.join(BENCH, "parity_stage_a.py")):
         return "bench/parity_stage_a.py (Stage A random weights and diffusers mapping) does not exist"
     try:
-        _pack("stage_a").StageA
+        cascade_module("stage_a").StageA
     except Exception as exc:  # the row is optional: report why instead of failing the whole run
         return f"cascade/stage_a.py does not import: {exc!r}"
     return None
@@ -81,8 +61,8 @@ def build(impl: str, model: str, device: str = "cpu") -> tuple[Callable[[], torc
         return torch.randn(*shape, generator=g) if device != "meta" else torch.empty(*shape, device="meta")
 
     if model == "a":
-        pa = _load_file_module("scw_parity_stage_a", os.path.join(BENCH, "parity_stage_a.py"))
-        stage_a = _pack("stage_a")
+        pa = file_module("scw_parity_stage_a", os.path.join(BENCH, "parity_stage_a.py"))
+        stage_a = cascade_module("stage_a")
         cfg = stage_a.StageAConfig()
         if device == "meta":
             sd = {k: torch.empty_like(v) for k, v in stage_a.StageA(cfg, device="meta").state_dict().items()}
@@ -94,8 +74,8 @@ def build(impl: str, model: str, device: str = "cpu") -> tuple[Callable[[], torc
             return (lambda: net.decode(lat)), _nbytes(sd)
         return (lambda: net.decode(lat * stage_a.SCALE_FACTOR, return_dict=False)[0]), _nbytes(sd)
 
-    ref = _load_file_module("scw_diffusers_ref", os.path.join(BENCH, "diffusers_ref.py"))
-    mod = _pack("stage_c" if model == "c" else "stage_b")
+    ref = file_module("scw_diffusers_ref", os.path.join(BENCH, "diffusers_ref.py"))
+    mod = cascade_module("stage_c" if model == "c" else "stage_b")
     cls, cfg = (mod.StageC, mod.StageCConfig.lite()) if model == "c" else (mod.StageB, mod.StageBConfig.lite())
     skeleton = cls(cfg, device="meta")
     if device == "meta":
@@ -124,21 +104,13 @@ def _nbytes(sd: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in sd.values())
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(impl: str, model: str, repeats: int, threads: int) -> None:
     torch.set_num_threads(threads)
     run, weight_bytes = build(impl, model)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base_kib = _status_kib("VmRSS")
+    base_kib = status_kib("VmRSS")
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
@@ -147,7 +119,7 @@ def worker(impl: str, model: str, repeats: int, threads: int) -> None:
             times.append(time.perf_counter() - t0)
             checksum = out.double().abs().mean().item()
             del out
-    hwm_kib = _status_kib("VmHWM")
+    hwm_kib = status_kib("VmHWM")
     print("RESULT " + json.dumps(dict(times=times, base_kib=base_kib, hwm_kib=hwm_kib, weight_bytes=weight_bytes,
                                       checksum=checksum)))
 

@@ -11,7 +11,6 @@ Run it under the heavy-job lock:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,28 +18,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "comfyui_stablecascade"
-
-
-def _import_pack():
-    """The pack's torch-only modules, without running its root __init__ (which needs the node files)."""
-    import types
-
-    module = types.ModuleType(PACKAGE)
-    module.__path__ = [ROOT]
-    sys.modules[PACKAGE] = module
-    stage_a = importlib.import_module(f"{PACKAGE}.cascade.stage_a")
-    tiling = importlib.import_module(f"{PACKAGE}.cascade.tiling")
-    return stage_a, tiling
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from benchlib import cascade_module, status_kib
 
 
 def worker(mode: str, out_path: str, batch: int, size: int, tile: int) -> dict:
@@ -48,7 +26,7 @@ def worker(mode: str, out_path: str, batch: int, size: int, tile: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    stage_a_mod, tiling = _import_pack()
+    stage_a_mod, tiling = cascade_module("stage_a"), cascade_module("tiling")
     model = stage_a_mod.StageA(stage_a_mod.StageAConfig())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -61,7 +39,7 @@ def worker(mode: str, out_path: str, batch: int, size: int, tile: int) -> dict:
     estimate = tiling.estimate_decode_memory(model.config, z.shape, torch.float32)
     with torch.no_grad():  # warm-up on a small latent: kernels and allocator pools, not measured
         model.decode(z[:1, :, :32, :32])
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
@@ -73,7 +51,7 @@ def worker(mode: str, out_path: str, batch: int, size: int, tile: int) -> dict:
         else:  # auto: a budget of a quarter of the untiled estimate
             image = tiling.decode_auto(model, z, memory_budget=estimate // 4)
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     np.save(out_path, image.numpy())
     return {"mode": mode, "seconds": seconds, "rss_before_mib": before / 1024, "peak_mib": peak / 1024,
             "increase_mib": (peak - before) / 1024, "estimate_mib": estimate / 2**20,

@@ -16,7 +16,6 @@ Options: ``--width 1024 --depth 6`` (Stage C size), ``--keep`` (leave the files)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -26,25 +25,7 @@ import sys
 import tempfile
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "comfyui_stablecascade"
-
-
-def _import_pack() -> None:
-    """The pack's cascade/ as ``comfyui_stablecascade.cascade`` without running the root __init__ (nodes)."""
-    import types
-
-    if PACKAGE not in sys.modules:
-        pkg = types.ModuleType(PACKAGE)
-        pkg.__path__ = [ROOT]
-        sys.modules[PACKAGE] = pkg
-    importlib.import_module(f"{PACKAGE}.cascade.loading")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+from benchlib import ROOT, cascade_module, status_kib
 
 
 class _AnonPeak:
@@ -58,7 +39,7 @@ class _AnonPeak:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kb("RssAnon"))
+            self.peak = max(self.peak, status_kib("RssAnon"))
             self._stop.wait(0.002)
 
     def __enter__(self) -> "_AnonPeak":
@@ -71,10 +52,10 @@ class _AnonPeak:
 
 
 def write(folder: str, width: int, depth: int) -> dict:
-    _import_pack()
     from safetensors.torch import save_file
 
-    from comfyui_stablecascade.cascade.stage_c import StageC, StageCConfig
+    stage_c = cascade_module("stage_c")
+    StageC, StageCConfig = stage_c.StageC, stage_c.StageCConfig
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import tiny_checkpoints as tc
@@ -99,11 +80,10 @@ def write(folder: str, width: int, depth: int) -> dict:
 
 def measure(path: str) -> None:
     """Child process: print JSON with baseline and peak RSS around one load_stage_c call."""
-    _import_pack()
-    from comfyui_stablecascade.cascade import loading
+    loading = cascade_module("loading")
 
     torch.set_num_threads(2)
-    base, base_anon = _status_kb("VmRSS"), _status_kb("RssAnon")
+    base, base_anon = status_kib("VmRSS"), status_kib("RssAnon")
     with _AnonPeak() as anon:
         model = loading.load_stage_c(path)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

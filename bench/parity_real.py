@@ -12,36 +12,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import importlib.util
 import os
-import sys
 import tempfile
 import time
 from typing import Any
 
 import torch
+from benchlib import BENCH, cascade_module, file_module
 from safetensors.torch import load_file, save_file
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_module(name: str) -> Any:
-    """``comfyui_stablecascade.cascade.<name>`` without running the pack's node layer."""
-    pkg = "comfyui_stablecascade"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_loader(pkg, loader=None, is_package=True)
-        module = importlib.util.module_from_spec(spec)
-        module.__path__ = [ROOT]
-        sys.modules[pkg] = module
-    return importlib.import_module(f"{pkg}.cascade.{name}")
-
-
-def load_ref() -> Any:
-    spec = importlib.util.spec_from_file_location("scw_diffusers_ref", os.path.join(ROOT, "bench", "diffusers_ref.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stage_inputs(stage: str) -> dict[str, torch.Tensor]:
@@ -63,7 +41,7 @@ def run_diffusers(net: torch.nn.Module, stage: str, inp: dict[str, torch.Tensor]
 
 
 def parity(stage: str, ref: Any, tmpdir: str) -> None:
-    mod = load_module("stage_c" if stage == "c" else "stage_b")
+    mod = cascade_module("stage_c" if stage == "c" else "stage_b")
     cls, cfg_cls = (mod.StageC, mod.StageCConfig) if stage == "c" else (mod.StageB, mod.StageBConfig)
     path = os.path.join(tmpdir, f"stage_{stage}_lite_random.safetensors")
     t0 = time.perf_counter()
@@ -102,7 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ref = load_ref()
+    ref = file_module("scw_diffusers_ref", os.path.join(BENCH, "diffusers_ref.py"))
     with tempfile.TemporaryDirectory(prefix="scw_parity_") as tmpdir:
         for stage in args.stages.split(","):
             parity(stage.strip(), ref, tmpdir)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import resource
 import subprocess
@@ -26,22 +25,13 @@ from typing import Any
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def load_pack() -> Any:
-    """The pack's ``cascade.stage_a`` module, imported as ``comfyui_stablecascade.cascade.stage_a``.
+    """The pack's ``cascade.stage_a`` module (see ``benchlib.cascade_module``)."""
+    # Imported here, not at the top: the tests load this file by path, without bench/ on sys.path.
+    from benchlib import cascade_module
 
-    When the tests have not already loaded the pack, an empty package module stands in for it so
-    that only ``cascade/`` (pure torch) is executed, not the node layer.
-    """
-    name = "comfyui_stablecascade"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_loader(name, loader=None, is_package=True)
-        module = importlib.util.module_from_spec(spec)
-        module.__path__ = [ROOT]
-        sys.modules[name] = module
-    return importlib.import_module(name + ".cascade.stage_a")
+    return cascade_module("stage_a")
 
 
 def random_state_dict(net: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,0 +1,48 @@
+"""What the benchmark scripts share: importing the pack's pure-torch modules, loading a sibling script,
+reading the kernel's memory counters.
+
+The scripts run as ``python bench/<script>.py``, so this folder is on ``sys.path`` and ``import benchlib``
+works; a file another process imports by path (the tests load ``parity_stage_a.py``) imports it lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+PACKAGE = "comfyui_stablecascade"
+
+
+def cascade_module(name: str) -> Any:
+    """``comfyui_stablecascade.cascade.<name>`` without running the pack's root ``__init__`` (the node layer).
+
+    An empty package module stands in for the pack unless the real one is already imported (the tests').
+    """
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_loader(PACKAGE, loader=None, is_package=True)
+        module = importlib.util.module_from_spec(spec)
+        module.__path__ = [ROOT]
+        sys.modules[PACKAGE] = module
+    return importlib.import_module(f"{PACKAGE}.cascade.{name}")
+
+
+def file_module(name: str, path: str) -> Any:
+    """The Python file at ``path`` (e.g. another bench script) imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` counter in KiB, e.g. ``VmRSS`` or ``VmHWM``."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
