@@ -92,22 +92,15 @@ class StageBConfig:
                 f"release's patch size {patch} both must be multiples of {patch * patch}."
             )
         config = cls(
+            **levels.config_fields(),
             c_in=c_in_p // (patch * patch),
             c_out=c_out_p // (patch * patch),
-            c_r=levels.c_r,
             c_cond=c_cond,
-            c_hidden=levels.c_hidden,
-            nhead=levels.nhead,
-            blocks=levels.blocks,
-            block_repeat=levels.block_repeat,
-            level_config=levels.level_config,
             c_clip=c_clip,
             c_clip_seq=clip_rows // c_cond,
             c_effnet=unet_keys.shape_of(sd, "effnet_mapper.0.weight")[1],
             c_pixels=unet_keys.shape_of(sd, "pixels_mapper.0.weight")[1],
-            kernel_size=levels.kernel_size,
             dropout=tuple(0.1 if "A" in lc else 0.0 for lc in levels.level_config),
-            t_conds=levels.t_conds,
         )
         for c, lc in zip(config.c_hidden, config.level_config):
             if "A" in lc and c % unet_keys.HEAD_DIM:

@@ -86,22 +86,15 @@ class StageCConfig:
         c_in = unet_keys.shape_of(sd, "embedding.1.weight")[1]
         c_out = unet_keys.shape_of(sd, "clf.1.weight")[0]
         config = cls(
+            **levels.config_fields(),
             c_in=c_in,
             c_out=c_out,
-            c_r=levels.c_r,
             c_cond=c_cond,
-            c_hidden=levels.c_hidden,
-            nhead=levels.nhead,
-            blocks=levels.blocks,
-            block_repeat=levels.block_repeat,
-            level_config=levels.level_config,
             c_clip_text=c_clip_text,
             c_clip_text_pooled=c_pooled,
             c_clip_img=c_img,
             c_clip_seq=pooled_out // c_cond,
-            kernel_size=levels.kernel_size,
             dropout=(0.1,) * len(levels.c_hidden),
-            t_conds=levels.t_conds,
         )
         for c in config.c_hidden:
             if c % unet_keys.HEAD_DIM:

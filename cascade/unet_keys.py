@@ -40,6 +40,11 @@ class LevelLayout:
     t_conds: tuple[str, ...]
     c_cond: int | None
 
+    def config_fields(self) -> dict[str, Any]:
+        """The fields Stage C's and Stage B's configs take as they are (``c_cond`` each derives its own way)."""
+        return {name: getattr(self, name) for name in ("c_hidden", "level_config", "blocks", "block_repeat", "nhead",
+                                                       "kernel_size", "c_r", "t_conds")}
+
 
 def shape_of(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
