@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import tiny_checkpoints as tc
 import torch
 import torch.nn.functional as F
 
@@ -22,27 +23,9 @@ RELEASES = {
 }
 
 
-def random_state_dict(net, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, t in net.state_dict().items():
-        shape = tuple(t.shape)
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(3)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shape, generator=gen) + 0.5
-        elif key.endswith("running_mean") or key.endswith(".bias"):
-            sd[key] = torch.randn(shape, generator=gen) * 0.2
-        elif len(shape) == 1:
-            sd[key] = 1 + torch.randn(shape, generator=gen) * 0.2
-        else:
-            sd[key] = torch.randn(shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5
-    return sd
-
-
 def _build(cfg, dtype=None, seed=0):
     net = ControlNet(cfg, device="meta")
-    sd = random_state_dict(net, seed)
+    sd = tc.bn_random_state_dict(net, seed)
     net.load_state_dict(sd, strict=True, assign=True)
     if dtype is not None:
         net = net.to(dtype)

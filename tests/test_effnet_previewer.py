@@ -5,12 +5,13 @@ import json
 import os
 
 import pytest
+import tiny_checkpoints as tc
 import torch
 import torch.nn.functional as F
 
 from comfyui_stablecascade.cascade.effnet import (
-    EffNetConfig,
     EfficientNetEncoder,
+    EffNetConfig,
     normalize_imagenet,
 )
 from comfyui_stablecascade.cascade.errors import CheckpointError, ShapeError
@@ -21,31 +22,15 @@ KEYS_SHAPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 needs_spec = pytest.mark.skipif(not os.path.exists(KEYS_SHAPES), reason="keys_shapes.json (the spec) is not available")
 
 
-def random_state_dict(net, seed=0):
-    """Random weights with BatchNorm statistics far from (0, 1) so that eval-mode BN is visible."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, t in net.state_dict().items():
-        shape = tuple(t.shape)
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(7)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shape, generator=gen) * 2 + 0.5
-        elif key.endswith("running_mean") or key.endswith(".bias"):
-            sd[key] = torch.randn(shape, generator=gen) * 0.2
-        elif len(shape) == 1:
-            sd[key] = 1 + torch.randn(shape, generator=gen) * 0.2
-        else:
-            # Previewer's 2x2 stride-2 transposed convs give each output pixel one tap per input channel.
-            convt = key.startswith("blocks.") and key.split(".")[1] in ("6", "12", "18")
-            fan_in = shape[0] if convt else t[0].numel()
-            sd[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-    return sd
+def _fan_in(key, t):
+    # Previewer's 2x2 stride-2 transposed convs give each output pixel one tap per input channel.
+    convt = key.startswith("blocks.") and key.split(".")[1] in ("6", "12", "18")
+    return t.shape[0] if convt else t[0].numel()
 
 
 def _build(cls, cfg, dtype=None, seed=0):
     net = cls(cfg, device="meta")
-    sd = random_state_dict(net, seed)
+    sd = tc.bn_random_state_dict(net, seed, _fan_in)
     net.load_state_dict(sd, strict=True, assign=True)
     if dtype is not None:
         net = net.to(dtype)

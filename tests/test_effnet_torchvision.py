@@ -14,34 +14,18 @@ same output: an independent check of the block order, strides, paddings, SE widt
 from __future__ import annotations
 
 import pytest
+import tiny_checkpoints as tc
 import torch
 from torch import nn
 
 from comfyui_stablecascade.cascade.controlnet import ControlNet, ControlNetConfig
-from comfyui_stablecascade.cascade.effnet import EffNetConfig, EfficientNetEncoder, build_features
+from comfyui_stablecascade.cascade.effnet import EfficientNetEncoder, EffNetConfig, build_features
 
 tv_models = pytest.importorskip(
     "torchvision.models",
     reason="torchvision is not installed in this Python (it has no CPU build beside torch 2.13.0 here); run "
     "this file with a Python that has it, e.g. ComfyUI's venv (docs/COMFYUI_INTEGRATION.md)",
 )
-
-
-def _randomise(module: nn.Module, seed: int) -> None:
-    """Weights and BatchNorm statistics away from their init so that every layer's arithmetic is visible."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 2 + 0.5)
-            elif name.endswith(("running_mean", "bias")):
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.2)
-            elif t.dim() == 1:
-                t.copy_(1 + torch.randn(t.shape, generator=gen) * 0.2)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5)
 
 
 def _torchvision_features(c_in: int = 3) -> nn.Sequential:
@@ -54,7 +38,7 @@ def _torchvision_features(c_in: int = 3) -> nn.Sequential:
 @pytest.mark.parametrize("c_in", [3, 1], ids=["encoder", "controlnet-stem"])
 def test_features_match_torchvision(c_in: int) -> None:
     ref = _torchvision_features(c_in)
-    _randomise(ref, seed=c_in)
+    ref.load_state_dict(tc.bn_random_state_dict(ref, seed=c_in))
     ours = build_features(EffNetConfig(), c_in, 1 if c_in == 3 else 0).eval()
     assert set(ours.state_dict()) == set(ref.state_dict())
     missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True)
@@ -73,7 +57,7 @@ def test_encoder_and_controlnet_backbone_load_torchvision_keys() -> None:
     for net, c_in, x in [(EfficientNetEncoder(device="meta"), 3, x3),
                          (ControlNet(ControlNetConfig.canny(), device="meta"), 1, x1)]:
         ref = _torchvision_features(c_in)
-        _randomise(ref, seed=5 + c_in)
+        ref.load_state_dict(tc.bn_random_state_dict(ref, seed=5 + c_in))
         sd = {f"backbone.{k}": v for k, v in ref.state_dict().items()}
         own = {k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
         assert {k for k in net.state_dict() if k.startswith("backbone.")} == set(sd)

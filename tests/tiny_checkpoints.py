@@ -51,6 +51,29 @@ def tiny_sd(kind: str, seed: int = 0, config: Any = None) -> dict[str, torch.Ten
     return out
 
 
+def bn_random_state_dict(net: torch.nn.Module, seed: int = 0,
+                         fan_in: Any = None) -> dict[str, torch.Tensor]:
+    """Random weights for ``net``'s keys, scaled so activations stay O(1) through a deep network, with BatchNorm
+    statistics far from (0, 1) so that eval-mode BatchNorm is visible. ``fan_in(key, tensor)`` overrides the
+    fan-in of a weight (default: the elements of one output row)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, t in net.state_dict().items():
+        shape = tuple(t.shape)
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shape, generator=gen) * 2 + 0.5
+        elif key.endswith("running_mean") or key.endswith(".bias"):
+            sd[key] = torch.randn(shape, generator=gen) * 0.2
+        elif len(shape) == 1:
+            sd[key] = 1 + torch.randn(shape, generator=gen) * 0.2
+        else:
+            n = fan_in(key, t) if fan_in is not None else t[0].numel()
+            sd[key] = torch.randn(shape, generator=gen) * (2.0 / n) ** 0.5
+    return sd
+
+
 def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return dict(sd)
