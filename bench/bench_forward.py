@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -163,12 +164,9 @@ def spawn(impl: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _pool(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from several rounds: every forward's time (first round first), the highest memory marks."""
-    pooled = dict(results[0])
-    pooled["times"] = [t for r in results for t in r["times"]]
-    pooled["hwm_kib"] = max(r["hwm_kib"] for r in results)
-    # Reported growth is hwm - base: keep the largest growth any round saw.
-    pooled["base_kib"] = pooled["hwm_kib"] - max(r["hwm_kib"] - r["base_kib"] for r in results)
-    return pooled
+    return dict(results[0], times=[t for r in results for t in r["times"]],
+                hwm_kib=max(r["hwm_kib"] for r in results),
+                growth_kib=max(r["hwm_kib"] - r["base_kib"] for r in results))
 
 
 def main() -> None:
@@ -208,7 +206,7 @@ def main() -> None:
             r = res[impl]
             best = min(r["times"])
             speed = min(res["diffusers"]["times"]) / best
-            growth = (r["hwm_kib"] - r["base_kib"]) / 1024
+            growth = r["growth_kib"] / 1024
             print(f"{MODELS[model]:32} {impl:9} {r['times'][0]:8.2f} {best:7.2f} {speed:8.2f} "
                   f"{r['weight_bytes'] / 2**20:10.0f} {growth:13.0f} {r['hwm_kib'] / 1024:11.0f} "
                   f"{flops / best / 1e9:8.1f} {100 * flops / best / mm:7.0f}%")
@@ -217,7 +215,7 @@ def main() -> None:
         if len(rounds) > 1:
             ratios = sorted(min(rd["diffusers"]["times"]) / min(rd["pack"]["times"]) for rd in rounds)
             print(f"{'':32} x faster per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
-                  f"median {ratios[len(ratios) // 2]:.2f}")
+                  f"median {statistics.median(ratios):.2f}")
     print(f"loadavg(1m) at end {os.getloadavg()[0]:.2f}")
 
 
