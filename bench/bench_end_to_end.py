@@ -12,9 +12,9 @@ fp32) and both sides compute in fp32.
 
 Each side runs in a fresh subprocess after its files were read once (warm page cache for both):
 - pack: an API-format prompt of the shipped text-to-image graph (loaders, two SCW_TextEncode, SCW_EmptyLatent,
-  SCW_StageCSampler, SCW_StageBSampler, SCW_StageADecode, SaveImage) checked by ``headless.validate`` and run in
-  ``headless.execution_order`` with the built-in host manager, each node's outputs handed back
-  (``host.forget``) after their last consumer ran, as ``headless.execute`` does;
+  SCW_StageCSampler, SCW_StageBSampler, SCW_StageADecode, SaveImage) checked by ``standalone.executor.validate`` and run in
+  ``executor.execution_order`` with the built-in host manager, each node's outputs handed back
+  (``host.forget``) after their last consumer ran, as ``executor.execute`` does;
 - diffusers: StableCascadePriorPipeline + StableCascadeDecoderPipeline built from the components in code;
   the prompt is encoded once (``encode_prompt``) and the embeddings are passed to both pipelines, as the pack
   encodes once for both stages. ``--diffusers-load meta`` (default) loads each U-Net / VQGAN as diffusers'
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from benchlib import ROOT, file_module
+from benchlib import ROOT, file_module, pack_module
 
 PHASES = ("load", "text", "stage_c", "stage_b", "stage_a", "save")
 PROMPT = "cinematic photo of a red fox sitting in fresh snow at golden hour, shallow depth of field"
@@ -65,11 +65,7 @@ FILES = {  # name -> path under workdir
 
 def _pack(name: str) -> Any:
     """``comfyui_stablecascade.<name>``, the package loaded as ComfyUI loads a custom-node folder."""
-    import importlib
-
-    headless = file_module("scw_headless_loader", os.path.join(ROOT, "headless.py"))
-    pkg = headless.load_pack()
-    return importlib.import_module(f"{pkg.__name__}.{name}")
+    return pack_module(name)
 
 
 # ----------------------------------------------------------------------------- weights, written once
@@ -241,7 +237,7 @@ def _image_stats(img: torch.Tensor) -> dict[str, float]:
 
 def run_pack(args: argparse.Namespace, rec: Recorder) -> dict:
     os.environ["SCW_NO_COMFY"] = "1"
-    headless = file_module("scw_headless", os.path.join(ROOT, "headless.py"))
+    headless = _pack("standalone.executor")
     host = _pack("host")
     host.set_models_dir(str(Path(args.workdir) / "models"))
     name = lambda k: FILES[k].split("/", 2)[2]  # noqa: E731  (path inside its models/ subfolder)
@@ -276,7 +272,7 @@ def run_pack(args: argparse.Namespace, rec: Recorder) -> dict:
         order = ["2", "5", "6", "7", "1", "8", "3", "9", "4", "10", "11"]
     last_use = {src[0]: node_id for node_id in order for src in prompt[node_id]["inputs"].values()
                 if isinstance(src, list)}
-    output = _pack("nodes.core_standins").OutputPlan(out=str(Path(args.out_dir) / f"{args.worker}.png"))
+    output = _pack("standalone.core_standins").OutputPlan(out=str(Path(args.out_dir) / f"{args.worker}.png"))
     results: dict[str, tuple] = {}
     per_node, held, image = [], {}, None
     weights = {"1": "stage_c", "2": "text_encoder", "3": "stage_b", "4": "stage_a"}

@@ -28,12 +28,8 @@ def worker(mode: str, out_path: str, batch: int, size: int, tile: int) -> dict:
     torch.set_num_threads(2)
     stage_a_mod, tiling = cascade_module("stage_a"), cascade_module("tiling")
     model = stage_a_mod.StageA(stage_a_mod.StageAConfig())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            # Non-zero gammas, so every block really mixes neighbours (zero gammas would make tiling trivial).
-            p.copy_(noise / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1 * noise)
+    # Non-zero gammas, so every block really mixes neighbours (zero gammas would make tiling trivial).
+    cascade_module("random_init").randomize_(model, 0, vector_std=0.1, unit_norm_weights=False)
     model.eval().requires_grad_(False)
     z = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(1))
     estimate = tiling.estimate_decode_memory(model.config, z.shape, torch.float32)

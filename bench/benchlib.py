@@ -31,6 +31,18 @@ def cascade_module(name: str) -> Any:
     return importlib.import_module(f"{PACKAGE}.cascade.{name}")
 
 
+def pack_module(name: str) -> Any:
+    """``comfyui_stablecascade.<name>`` with the whole pack loaded as ComfyUI loads a custom-node folder (its
+    root ``__init__`` runs, under the package name, without the repo root on sys.path)."""
+    if PACKAGE not in sys.modules or not hasattr(sys.modules[PACKAGE], "NODE_CLASS_MAPPINGS"):
+        spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{PACKAGE}.{name}")
+
+
 def file_module(name: str, path: str) -> Any:
     """The Python file at ``path`` (e.g. another bench script) imported as module ``name``."""
     spec = importlib.util.spec_from_file_location(name, path)

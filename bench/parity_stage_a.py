@@ -4,7 +4,7 @@ Run (heavy: ~1-2 GB, minutes): ``flock /tmp/scw-heavy.lock .venv/bin/python benc
 Options: ``--skip-timing``, ``--latent 256`` (decode latent side), ``--repeats 2``.
 
 The helpers at the top (random weights, key mapping, diffusers model) are also used by
-tests/test_stage_a.py, which loads this file by path. diffusers is a test/benchmark dependency only.
+tests/cascade/test_stage_a.py, which loads this file by path. diffusers is a test/benchmark dependency only.
 
 Facts the mapping relies on (diffusers 0.35 ``modeling_paella_vq_model.py``): the module tree and key
 names equal the original's except the codebook (``vquantizer.embedding.weight`` there,

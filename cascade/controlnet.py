@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .common import resolve_ops
-from .effnet import EffNetConfig, _features_config, build_features
+from .effnet import EffNetConfig, features_config, build_features
 from .errors import CheckpointError, ShapeError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class ControlNetConfig:
         if "backbone.0.0.weight" in sd:
             stem = sd["backbone.0.0.weight"]
             cfg = cls(c_in=int(stem.shape[1]), c_proj=c_proj, proj_blocks=proj_blocks, bottleneck_mode="effnet",
-                      effnet=_features_config(EffNetConfig, sd, "backbone.", what))
+                      effnet=features_config(EffNetConfig, sd, "backbone.", what))
         elif "backbone.3.blocks.0.weight" in sd:
             n_blocks = len({m.group(1) for k in sd if (m := re.match(r"backbone\.(\d+)\.blocks\.0\.weight$", k))})
             out_key = f"backbone.{3 + n_blocks}.weight"

@@ -70,10 +70,10 @@ class EffNetConfig:
         ``prefix`` is where the features live (``backbone.`` in both the encoder and effnet ControlNets).
         Without ``mapper.0.weight`` (a ControlNet), ``c_latent`` keeps its default.
         """
-        return _features_config(cls, sd, prefix, "EfficientNet state dict")
+        return features_config(cls, sd, prefix, "EfficientNet state dict")
 
 
-def _features_config(cls: type, sd: Mapping[str, Any], prefix: str, what: str) -> EffNetConfig:
+def features_config(cls: type, sd: Mapping[str, Any], prefix: str, what: str) -> EffNetConfig:
     stem_key = f"{prefix}0.0.weight"
     if stem_key not in sd:
         sample = ", ".join(sorted(sd)[:5]) or "no keys at all"

@@ -18,7 +18,15 @@ class StageMismatchError(CascadeError):
 
 
 class WrongModelError(CheckpointError, StageMismatchError):
-    """A readable file of another kind was given to a loader (a Stage B to the Stage C loader, ...)."""
+    """A readable file of another kind was given to a loader (a Stage B to the Stage C loader, ...).
+
+    ``found`` is the kind the file holds (a ``cascade.kinds`` name, or "packaged" for a multi-model file), so
+    a front end can add which of its own loaders reads it.
+    """
+
+    def __init__(self, message: str, found: str | None = None) -> None:
+        super().__init__(message)
+        self.found = found
 
 
 class ShapeError(CascadeError):

@@ -21,11 +21,10 @@ from typing import Any, Iterable, Mapping, MutableMapping
 import torch
 
 from .errors import CheckpointError
+from .kinds import COMPONENT_KINDS, KINDS, TOWER_KINDS, UNET_KINDS, describe
 
 log = logging.getLogger(__name__)
 
-UNET_KINDS = ("stage_c", "stage_b")
-COMPONENT_KINDS = ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "controlnet", "text_encoder", "clip_vision")
 LAYOUTS = {
     "original": "the Stability AI release (stage_c*.safetensors, stage_b*, stage_a, effnet_encoder, previewer, "
                 "controlnet/*): attention as one packed in_proj_weight",
@@ -39,32 +38,6 @@ LAYOUTS = {
 COMFY_ROOTS = ("model.diffusion_model.", "diffusion_model.", "vae.", "first_stage_model.", "text_encoder.",
                "text_encoders.", "cond_stage_model.", "clip_l_vision.", "clip_vision.", "encoder.", "previewer.")
 
-# kind -> (anchor suffix, keys that must exist under the same prefix, alternatives of which one must exist)
-_SPECS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("stage_c", "clf.1.weight", ("embedding.1.weight", "clip_txt_mapper.weight"), ()),
-    ("stage_b", "clf.1.weight", ("embedding.1.weight", "effnet_mapper.0.weight"), ()),
-    ("stage_a", "out_block.0.weight", ("in_block.1.weight",),
-     ("vquantizer.codebook.weight", "vquantizer.embedding.weight")),
-    ("controlnet", "projections.0.0.weight", (), ("backbone.0.0.weight", "backbone.0.weight")),
-    ("effnet", "mapper.0.weight", ("backbone.0.0.weight",), ()),
-    ("previewer", "blocks.0.weight", ("blocks.24.weight",), ()),
-    ("text_encoder", "text_model.final_layer_norm.weight", (), ()),
-    ("text_encoder", "token_embedding.weight", ("transformer.resblocks.0.attn.in_proj_weight",), ()),
-    ("clip_vision", "vision_model.post_layernorm.weight", (), ()),
-)
-# Top-level module names each network owns; other keys are reported as unexpected and dropped.
-ROOT_NAMES = {
-    "stage_c": {"clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper", "embedding", "down_blocks",
-                "down_downscalers", "down_repeat_mappers", "up_blocks", "up_upscalers", "up_repeat_mappers", "clf"},
-    "stage_b": {"effnet_mapper", "pixels_mapper", "clip_mapper", "embedding", "down_blocks", "down_downscalers",
-                "down_repeat_mappers", "up_blocks", "up_upscalers", "up_repeat_mappers", "clf"},
-    "stage_a": {"in_block", "down_blocks", "vquantizer", "up_blocks", "out_block"},
-    "effnet": {"backbone", "mapper"},
-    "previewer": {"blocks"},
-    "controlnet": {"backbone", "projections"},
-}
-# Keys other tools add that carry nothing (ComfyUI's EffNet keeps the ImageNet mean/std as parameters).
-_CONSTANT_KEYS = {"effnet": ("mean", "std")}
 _LORA_MARKERS = ("lora_down", "lora_up", "lora_A.", "lora_B.", ".lora.")
 _FOREIGN_HINTS = (
     ("input_blocks.0.0.weight", "a Stable Diffusion 1.x/2.x/SDXL U-Net or checkpoint"),
@@ -101,28 +74,19 @@ class Detected:
     def describe(self) -> str:
         """'a Stage B (lite, diffusers layout)' or 'a packaged ... holding: ...'."""
         if self.parts:
-            inner = ", ".join(f"{NAMES.get(p.kind, p.kind)} under {p.prefix!r}" for p in self.parts)
-            return f"{NAMES.get(self.kind, self.kind)} ({self.layout} layout) holding {inner}"
+            inner = ", ".join(f"{describe(p.kind)} under {p.prefix!r}" for p in self.parts)
+            return f"{describe(self.kind)} ({self.layout} layout) holding {inner}"
         extra = ", ".join(x for x in (self.variant, f"{self.layout} layout") if x)
         where = f" under prefix {self.prefix!r}" if self.prefix else ""
-        return f"{NAMES.get(self.kind, self.kind)} ({extra}){where}"
+        return f"{describe(self.kind)} ({extra}){where}"
 
     @property
     def read_root(self) -> str:
         """The prefix of every key this component needs; text towers keep ComfyUI's legacy projection one
         level up (``text_encoder.clip_g.text_projection`` next to ``...clip_g.transformer.``)."""
-        if self.kind in ("text_encoder", "clip_vision") and self.prefix:
+        if self.kind in TOWER_KINDS and self.prefix:
             return self.prefix.split(".", 1)[0] + "."
         return self.prefix
-
-
-NAMES = {
-    "stage_c": "a Stage C (prior) U-Net", "stage_b": "a Stage B (decoder) U-Net", "stage_a": "a Stage A VQGAN",
-    "effnet": "an EfficientNet encoder", "previewer": "a Previewer", "controlnet": "a Stable Cascade ControlNet",
-    "text_encoder": "a CLIP text encoder", "clip_vision": "a CLIP vision model", "lora": "a LoRA",
-    "packaged_c": "ComfyUI's packaged Stage C checkpoint", "packaged_b": "ComfyUI's packaged Stage B checkpoint",
-    "stage_c_coder": "ComfyUI's EffNet + Previewer pair", "packaged": "a multi-model checkpoint",
-}
 
 
 def _prefixes(keys: Iterable[str], anchor: str) -> list[str]:
@@ -136,11 +100,11 @@ def _prefixes(keys: Iterable[str], anchor: str) -> list[str]:
 def find_components(sd: Mapping[str, Any]) -> list[Detected]:
     """Every known component in ``sd``, outermost prefix first, one per (kind, prefix)."""
     found: dict[tuple[str, str], Detected] = {}
-    for kind, anchor, needs, any_of in _SPECS:
-        for p in _prefixes(sd, anchor):
-            if all(p + n in sd for n in needs) and (not any_of or any(p + a in sd for a in any_of)):
+    for kind, sig in ((k.name, sig) for k in KINDS.values() for sig in k.signatures):
+        for p in _prefixes(sd, sig.anchor):
+            if all(p + n in sd for n in sig.needs) and (not sig.any_of or any(p + a in sd for a in sig.any_of)):
                 if kind == "effnet" and p + "projections.0.0.weight" in sd:
-                    continue
+                    continue  # a ControlNet's EffNet backbone
                 found.setdefault((kind, p), Detected(kind, _layout(kind, sd, p), p, _variant(kind, sd, p)))
     parts = _drop_nested(list(found.values()))
     return sorted(parts, key=lambda d: (COMPONENT_KINDS.index(d.kind), d.prefix))
@@ -149,14 +113,14 @@ def find_components(sd: Mapping[str, Any]) -> list[Detected]:
 def _drop_nested(parts: list[Detected]) -> list[Detected]:
     """Keep one text tower per file root (text.py picks the widest) and drop parts inside a U-Net."""
     out: list[Detected] = []
-    roots = {(d.kind, d.read_root) for d in parts if d.kind in ("text_encoder", "clip_vision")}
+    roots = {(d.kind, d.read_root) for d in parts if d.kind in TOWER_KINDS}
     for d in sorted(parts, key=lambda d: len(d.prefix)):
-        if d.kind in ("text_encoder", "clip_vision"):
+        if d.kind in TOWER_KINDS:
             if (d.kind, d.read_root) not in roots:
                 continue
             roots.discard((d.kind, d.read_root))
         inside = any(u.kind in UNET_KINDS and d.prefix.startswith(u.prefix) and d.prefix != u.prefix and
-                     d.prefix[len(u.prefix):].split(".", 1)[0] in ROOT_NAMES[u.kind] for u in out)
+                     d.prefix[len(u.prefix):].split(".", 1)[0] in KINDS[u.kind].roots for u in out)
         if not inside:
             out.append(d)
     return out
@@ -178,7 +142,7 @@ def _layout(kind: str, sd: Mapping[str, Any], p: str) -> str:
         return "open_clip"
     if comfy:
         return "comfyui"
-    return "transformers" if kind in ("text_encoder", "clip_vision") else "original"
+    return "transformers" if kind in TOWER_KINDS else "original"
 
 
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
@@ -239,7 +203,7 @@ def sub_dict(sd: MutableMapping[str, Any], det: Detected, pop: bool = False) -> 
     """The keys of one component; U-Nets and image modules lose their prefix, text/vision towers keep it
     (their converters in text.py / clip_vision.py find it)."""
     root = det.read_root
-    strip = det.prefix if det.kind not in ("text_encoder", "clip_vision") else ""
+    strip = det.prefix if det.kind not in TOWER_KINDS else ""
     keys = [k for k in sd if k.startswith(root)]
     return {k[len(strip):]: (sd.pop(k) if pop else sd[k]) for k in keys}
 
@@ -291,9 +255,9 @@ def to_original(kind: str, sd: dict[str, Any]) -> tuple[dict[str, Any], list[str
         unet_to_original(sd)
     elif kind == "stage_a" and "vquantizer.embedding.weight" in sd:
         sd["vquantizer.codebook.weight"] = sd.pop("vquantizer.embedding.weight")
-    for k in _CONSTANT_KEYS.get(kind, ()):
+    for k in KINDS[kind].constant_keys:
         sd.pop(k, None)
-    roots = ROOT_NAMES.get(kind)
+    roots = KINDS[kind].roots
     dropped = [k for k in sd if roots is not None and k.split(".", 1)[0] not in roots]
     for k in dropped:
         del sd[k]

@@ -10,7 +10,6 @@ keys of the requested component are read from a packaged file. Layout facts: doc
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -23,53 +22,19 @@ import torch
 from torch import nn
 
 from . import keymaps
+from .kinds import KINDS, PACKAGED_EXAMPLES, describe
 from .errors import CascadeError, CheckpointError, UnknownLayoutError, WrongModelError
-from .keymaps import NAMES, Detected
+from .keymaps import Detected
 
 log = logging.getLogger(__name__)
 
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
-# Where each file belongs in a ComfyUI install, for "file not found" messages.
-FOLDERS = {
-    "stage_c": "models/diffusion_models (or models/unet)", "stage_b": "models/diffusion_models (or models/unet)",
-    "stage_a": "models/vae", "effnet": "models/vae", "previewer": "models/vae",
-    "text_encoder": "models/text_encoders (or models/clip)", "clip_vision": "models/clip_vision",
-    "controlnet": "models/controlnet", "packaged": "models/checkpoints", "lora": "models/loras",
-}
-# What loads each kind: (function in this module, node title).
-LOADERS = {
-    "stage_c": ("load_stage_c", "Load Stage C (SCW)"), "stage_b": ("load_stage_b", "Load Stage B (SCW)"),
-    "stage_a": ("load_stage_a", "Load Stage A (SCW)"), "effnet": ("load_effnet", "Load EffNet Encoder (SCW)"),
-    "previewer": ("load_previewer", "Load Previewer (SCW)"),
-    "text_encoder": ("load_text_encoder", "Load Text Encoder (SCW)"),
-    "clip_vision": ("load_clip_vision", "Load CLIP Vision (SCW)"),
-    "controlnet": ("load_controlnet", "Load ControlNet (SCW)"),
-    "packaged": ("load_packaged", "Load Packaged Checkpoint (SCW)"),
-}
-EXAMPLES = {
-    "stage_c": "stage_c.safetensors / stage_c_bf16 / stage_c_lite(_bf16), or a diffusers prior/ folder",
-    "stage_b": "stage_b.safetensors / stage_b_bf16 / stage_b_lite(_bf16), or a diffusers decoder/ folder",
-    "stage_a": "stage_a.safetensors", "effnet": "effnet_encoder.safetensors", "previewer": "previewer.safetensors",
-    "text_encoder": "the CLIP ViT-bigG text encoder (text_encoder/model.safetensors of stabilityai/stable-cascade)",
-    "clip_vision": "the CLIP ViT-L/14 vision model (e.g. image_encoder/model.safetensors)",
-    "controlnet": "controlnet/canny.safetensors, inpainting or super_resolution",
-    "packaged": "stable_cascade_stage_c.safetensors or stable_cascade_stage_b.safetensors",
-}
-_NETWORKS = {  # kind -> (module, class, config class)
-    "stage_c": ("stage_c", "StageC", "StageCConfig"), "stage_b": ("stage_b", "StageB", "StageBConfig"),
-    "stage_a": ("stage_a", "StageA", "StageAConfig"), "effnet": ("effnet", "EfficientNetEncoder", "EffNetConfig"),
-    "previewer": ("previewer", "Previewer", "PreviewerConfig"),
-    "controlnet": ("controlnet", "ControlNet", "ControlNetConfig"),
-}
-_TOWERS = {"text_encoder": ("text", "TextEncoder"), "clip_vision": ("clip_vision", "ClipVision")}
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
-_SUBFOLDERS = {"stage_c": ("prior", "prior_lite"), "stage_b": ("decoder", "decoder_lite"), "stage_a": ("vqgan",),
-               "text_encoder": ("text_encoder",), "clip_vision": ("image_encoder",)}
 _VARIANTS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -85,13 +50,14 @@ def _pickle_error(path: Path, why: str) -> CheckpointError:
     )
 
 
+def _examples(kind: str | None) -> str:
+    return KINDS[kind].examples if kind in KINDS else PACKAGED_EXAMPLES
+
+
 def _check_file(path: Path, kind: str | None) -> None:
-    where = FOLDERS.get(kind or "packaged", "the ComfyUI models folder")
     if not path.exists():
-        raise CheckpointError(
-            f"{path}: file not found. Put {NAMES.get(kind or '', 'the model')} file in ComfyUI/{where}/ "
-            f"(e.g. {EXAMPLES.get(kind or 'packaged', 'a .safetensors file')}) and pick it from the list."
-        )
+        what = KINDS[kind].description if kind in KINDS else "a Stable Cascade weights file"
+        raise CheckpointError(f"{path}: file not found. Expected {what} (e.g. {_examples(kind)}); check the path.")
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise _pickle_error(path, f"'{path.suffix}' files are PyTorch pickles")
     size = path.stat().st_size
@@ -199,7 +165,7 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def _dir_files(d: Path, kind: str | None, dtype: torch.dtype | None) -> list[Path]:
-    subs = [d / s for s in _SUBFOLDERS.get(kind or "", ()) if (d / s).is_dir()]
+    subs = [d / s for s in (KINDS[kind].diffusers_folders if kind in KINDS else ()) if (d / s).is_dir()]
     if len(subs) > 1:
         raise CheckpointError(f"{d}: holds {[s.name for s in subs]}; pass the one folder you want to load.")
     d = subs[0] if subs else d
@@ -207,10 +173,10 @@ def _dir_files(d: Path, kind: str | None, dtype: torch.dtype | None) -> list[Pat
         p for p in d.glob("*.safetensors") if not _SHARD.match(p.name))
     if not cands:
         raise CheckpointError(f"{d}: no .safetensors file and no *.safetensors.index.json shard index in this "
-                              f"folder. Expected {EXAMPLES.get(kind or 'packaged', 'weights')}.")
+                              f"folder. Expected {_examples(kind)}.")
     if len({_base_name(c) for c in cands}) > 1:
         raise CheckpointError(f"{d}: holds several weight files ({[c.name for c in cands][:8]}); pass the one file "
-                              f"you want to load (e.g. {EXAMPLES.get(kind or 'packaged', 'a .safetensors file')}).")
+                              f"you want to load (e.g. {_examples(kind)}).")
     chosen = _pick_variant(cands, dtype)
     if len(cands) > 1:
         log.info("ComfyUI-StableCascade: %s holds %s; reading %s.", d, [c.name for c in cands], chosen.name)
@@ -273,15 +239,17 @@ def detect(src: Source) -> Detected:
     return keymaps.detect(_open(src, None, None).header)
 
 
+def _found(det: Detected) -> str:
+    """The kind a wrong file holds, as WrongModelError.found ("packaged" for a multi-model file)."""
+    return "packaged" if det.parts else det.kind
+
+
 def _how_to_load(det: Detected) -> str:
     if det.kind == "lora":
-        return ("A LoRA is not a network: load the Stage C first, then apply the LoRA with the pack's LoRA node, "
-                "'Load Stage C LoRA (SCW)'")
-    key = "packaged" if det.parts else det.kind
-    if key not in LOADERS:
-        return "This pack has no loader for it"
-    fn, node = LOADERS[key]
-    return f"Load it with the '{node}' node (loading.{fn})"
+        return "A LoRA is not a network: load the Stage C first, then apply the LoRA to it"
+    if det.parts:
+        return "Load the networks it holds with cascade.loading.load_packaged"
+    return f"Load it with cascade.loading.load({det.kind!r}, ...)"
 
 
 def _unknown(opened: _Opened, expected: str) -> UnknownLayoutError:
@@ -300,10 +268,10 @@ def _find(opened: _Opened, kind: str) -> tuple[Detected, Detected]:
     if part is not None:
         return det, part
     if det.kind == "unknown":
-        raise _unknown(opened, f"{NAMES[kind]}: pick {EXAMPLES[kind]}")
+        raise _unknown(opened, f"{describe(kind)}: pick {_examples(kind)}")
     raise WrongModelError(
-        f"{opened.name} is {det.describe()}, not {NAMES[kind]}. {_how_to_load(det)}. "
-        f"For {NAMES[kind]} pick {EXAMPLES[kind]}."
+        f"{opened.name} is {det.describe()}, not {describe(kind)}. {_how_to_load(det)}. "
+        f"For {describe(kind)} pick {_examples(kind)}.", found=_found(det)
     )
 
 
@@ -318,16 +286,8 @@ def _component_keys(det: Detected, part: Detected, header: Mapping[str, Any]) ->
 # ---- building ----------------------------------------------------------------------------------
 
 
-def _import(module: str, attr: str) -> Any:
-    try:
-        return getattr(importlib.import_module(f".{module}", __package__), attr)
-    except (ImportError, AttributeError) as e:
-        raise CascadeError(f"cascade.{module}.{attr} is not available ({e}); this install is incomplete - "
-                           "reinstall the node pack.") from None
-
-
 def _with_name(e: CascadeError, name: str) -> CascadeError:
-    out = type(e)(f"{name}: {e}")
+    out = WrongModelError(f"{name}: {e}", e.found) if isinstance(e, WrongModelError) else type(e)(f"{name}: {e}")
     out.__cause__ = e
     return out
 
@@ -337,7 +297,7 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], name: str, kind: str)
     missing = [k for k in expected if k not in sd]
     if missing:
         raise CheckpointError(
-            f"{name}: {len(missing)} of {len(expected)} tensors of {NAMES[kind]} are missing, e.g. {missing[:4]}; "
+            f"{name}: {len(missing)} of {len(expected)} tensors of {describe(kind)} are missing, e.g. {missing[:4]}; "
             "the file is incomplete or damaged. Download it again."
         )
     wrong = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items() if sd[k].shape != v.shape]
@@ -357,8 +317,7 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], name: str, kind: str)
 def _build_network(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None, device: Any,
                    operations: Any) -> nn.Module:
     kind = part.kind
-    module, cls_name, cfg_name = _NETWORKS[kind]
-    cls, cfg_cls = _import(module, cls_name), _import(module, cfg_name)
+    cls, cfg_cls = KINDS[kind].classes()
     keys = _component_keys(det, part, opened.header)
     # Infer (and validate) the config from the header first: a wrong file fails before gigabytes are read.
     meta, _ = keymaps.to_original(kind, keymaps.sub_dict({k: opened.header[k] for k in keys}, part))
@@ -369,7 +328,7 @@ def _build_network(opened: _Opened, det: Detected, part: Detected, dtype: torch.
     sd, dropped = keymaps.to_original(kind, keymaps.sub_dict(opened.read(keys, dtype, device), part, pop=True))
     if dropped:
         log.warning("ComfyUI-StableCascade: %s: %d keys outside %s ignored, e.g. %s", opened.name, len(dropped),
-                    NAMES[kind], dropped[:5])
+                    describe(kind), dropped[:5])
     model = cls(config, device="meta", operations=operations)
     _assign(model, sd, opened.name, kind)
     return model.eval().requires_grad_(False)
@@ -377,8 +336,7 @@ def _build_network(opened: _Opened, det: Detected, part: Detected, dtype: torch.
 
 def _build_tower(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None,
                  device: Any) -> nn.Module:
-    module, cls_name = _TOWERS[part.kind]
-    cls = _import(module, cls_name)
+    cls, _ = KINDS[part.kind].classes()
     sd = opened.read(_component_keys(det, part, opened.header), dtype, device)
     try:
         model = cls.from_state_dict(sd, dtype=dtype, device=device)
@@ -389,7 +347,7 @@ def _build_tower(opened: _Opened, det: Detected, part: Detected, dtype: torch.dt
 
 def _build(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None, device: Any,
            operations: Any) -> nn.Module:
-    if part.kind in _TOWERS:
+    if KINDS[part.kind].tower:
         model = _build_tower(opened, det, part, dtype, device)
     else:
         model = _build_network(opened, det, part, dtype, device, operations)
@@ -459,14 +417,15 @@ def load_packaged(src: Source, dtype: torch.dtype | None = None, device: Any = "
     opened = _open(src, None, dtype)
     det = keymaps.detect(opened.header)
     if det.kind == "unknown":
-        raise _unknown(opened, f"a Stable Cascade checkpoint: pick {EXAMPLES['packaged']}")
+        raise _unknown(opened, f"a Stable Cascade checkpoint: pick {PACKAGED_EXAMPLES}")
     if det.kind == "lora":
-        raise WrongModelError(f"{opened.name} is {det.describe()}, not a checkpoint of networks. {_how_to_load(det)}.")
+        raise WrongModelError(f"{opened.name} is {det.describe()}, not a checkpoint of networks. {_how_to_load(det)}.",
+                              found="lora")
     out: dict[str, nn.Module] = {}
     for part in det.parts or (det,):
         if part.kind in out:
             log.warning("ComfyUI-StableCascade: %s holds a second %s under %r; ignored.", opened.name,
-                        NAMES[part.kind], part.prefix)
+                        describe(part.kind), part.prefix)
             continue
         out[part.kind] = _build(opened, det, part, dtype, device, operations)
     return out

@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 
 from . import keymaps, loading
-from .errors import CheckpointError
+from .errors import CheckpointError, WrongModelError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def read_lora_file(path: str) -> LoraFile:
     name = os.path.basename(path)
     header = loading.read_header(path)  # safetensors only; pickles and damaged files raise here
     if not is_lora_state_dict(header):
-        raise CheckpointError(not_a_lora_message(header, name))
+        raise not_a_lora(header, name)
     return parse_lora(loading.read_safetensors(path), name)
 
 
@@ -136,7 +136,7 @@ def parse_lora(sd: Mapping[str, torch.Tensor], name: str = "LoRA") -> LoraFile:
     for marker, what in _UNSUPPORTED.items():
         if any(marker in k for k in sd):
             raise CheckpointError(_unsupported_message(name, what))
-    raise CheckpointError(not_a_lora_message(sd, name))
+    raise not_a_lora(sd, name)
 
 
 def is_lora_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -146,18 +146,18 @@ def is_lora_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
             or any(marker in k for k in sd for marker in _UNSUPPORTED))
 
 
-def not_a_lora_message(sd: Mapping[str, torch.Tensor], name: str) -> str:
-    """Say what a non-LoRA file is, by its keys, and which node loads it."""
+def not_a_lora(sd: Mapping[str, torch.Tensor], name: str) -> CheckpointError:
+    """The error for a non-LoRA file: what it is, by its keys (``WrongModelError.found`` names its kind)."""
     det = keymaps.detect(sd)
     if det.kind in ("unknown", "lora"):
         hint = keymaps.foreign_hint(sd)
         sample = ", ".join(list(sd)[:4])
-        return (f"LoRA file {name!r} is not a Stable Cascade LoRA{f' (it looks like {hint})' if hint else ''}: no "
-                f"'weights.N.lora_up' (official) or '.lora_up.weight' (kohya/OneTrainer) keys, found e.g. {sample} "
-                "- pick a Stage C LoRA.")
-    loader = loading.LOADERS.get("packaged" if det.parts else det.kind)
-    how = f"load it with the '{loader[1]}' node" if loader else "this pack has no loader for it"
-    return f"LoRA file {name!r} is {det.describe()}, not a LoRA - {how} instead of the LoRA loader."
+        return CheckpointError(
+            f"LoRA file {name!r} is not a Stable Cascade LoRA{f' (it looks like {hint})' if hint else ''}: no "
+            f"'weights.N.lora_up' (official) or '.lora_up.weight' (kohya/OneTrainer) keys, found e.g. {sample} "
+            "- pick a Stage C LoRA.")
+    return WrongModelError(f"LoRA file {name!r} is {det.describe()}, not a LoRA - load it with its own loader "
+                           "instead of the LoRA loader.", found="packaged" if det.parts else det.kind)
 
 
 def _unsupported_message(name: str, what: str) -> str:

@@ -133,28 +133,12 @@ def plan_decode(config, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
     return tile, 1
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the CUDA driver's count, else the kernel's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 @torch.no_grad()
-def decode_auto(stage_a, z: torch.Tensor, memory_budget: int | None = None, raw: bool = False) -> torch.Tensor:
+def decode_auto(stage_a, z: torch.Tensor, memory_budget: int, raw: bool = False) -> torch.Tensor:
     """Decode ``z`` whole when its estimated peak fits ``memory_budget`` (bytes), else by samples or tiles.
 
-    Without a budget, 80% of the memory free on ``z``'s device is used (a host passes its own figure).
+    The budget is the host's figure (``host.free_memory``): this package does not ask devices what is free.
     """
-    if memory_budget is None:
-        memory_budget = int(available_memory(z.device) * 0.8)
     tile, chunk = plan_decode(stage_a.config, z.shape, stage_a.dtype, int(memory_budget))
     if tile is None and chunk is None:
         return stage_a.decode_raw(z) if raw else stage_a.decode(z)

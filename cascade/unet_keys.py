@@ -46,7 +46,10 @@ class LevelLayout:
                                                        "kernel_size", "c_r", "t_conds")}
 
 
-def shape_of(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+def shape_of(sd: Mapping[str, Any], key: str, what: str = "the state dict") -> tuple[int, ...]:
+    """The shape of ``sd[key]``; a missing key is a CheckpointError naming it (a renamed or damaged file)."""
+    if key not in sd:
+        require(sd, [key], what)
     return tuple(sd[key].shape)
 
 
@@ -91,8 +94,8 @@ def _period(letters: str) -> str:
     return letters
 
 
-def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
-    """Infer widths, letters, depths, repeats, heads, kernel, c_r, t_conds and c_cond from block keys."""
+def _block_modules(sd: Mapping[str, Any], what: str) -> dict[tuple[str, int, int], set[str]]:
+    """(side, level, index) of every block -> the key suffixes under it."""
     modules: dict[tuple[str, int, int], set[str]] = {}
     for key in sd:
         m = _BLOCK_KEY.match(key)
@@ -100,7 +103,12 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
             modules.setdefault((m[1], int(m[2]), int(m[3])), set()).add(m[4])
     if not modules:
         require(sd, ["down_blocks.0.0.depthwise.weight"], what)
-    n_levels = 1 + max(level for side, level, _ in modules if side == "down")
+    return modules
+
+
+def _level_letters(modules: dict[tuple[str, int, int], set[str]], n_levels: int,
+                   what: str) -> dict[tuple[str, int], str]:
+    """(side, level) -> its blocks as letters in order (C ResBlock, A AttnBlock, T TimestepBlock)."""
     letters: dict[tuple[str, int], str] = {}
     for side in ("down", "up"):
         for level in range(n_levels):
@@ -110,7 +118,14 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
             letters[side, level] = "".join(
                 _letter(modules[side, level, i], f"{side}_blocks.{level}.{i}", what) for i in idx
             )
-    level_config, c_hidden, down_n, up_n = [], [], [], []
+    return letters
+
+
+def _level_patterns(sd: Mapping[str, Any], letters: dict[tuple[str, int], str], n_levels: int,
+                    what: str) -> tuple[list[str], list[int], list[int], list[int]]:
+    """(level_config, c_hidden, blocks down, blocks up): each level's repeating pattern, width and depths.
+    Up level u mirrors down level n_levels - 1 - u."""
+    level_config, c_hidden, down_n = [], [], []
     for i in range(n_levels):
         down, up = letters["down", i], letters["up", n_levels - 1 - i]
         pattern = _period(down or up)
@@ -122,41 +137,51 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
         level_config.append(pattern)
         down_n.append(len(down) // len(pattern))
         c_hidden.append(_level_width(sd, "down" if down else "up", i if down else n_levels - 1 - i, pattern[0]))
-    for u in range(n_levels):
-        up_n.append(len(letters["up", u]) // len(level_config[n_levels - 1 - u]))
+    up_n = [len(letters["up", u]) // len(level_config[n_levels - 1 - u]) for u in range(n_levels)]
+    return level_config, c_hidden, down_n, up_n
+
+
+def _repeats(sd: Mapping[str, Any], n_levels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Block repeats per level: one more than the repeat mappers a level has (1 without any)."""
     repeats = {("down", i): 1 for i in range(n_levels)} | {("up", u): 1 for u in range(n_levels)}
     for key in sd:
         m = _REPEAT_KEY.match(key)
         if m:
             repeats[m[1], int(m[2])] = max(repeats[m[1], int(m[2])], int(m[3]) + 2)
-    kinds = {k: _letter(v, f"{k[0]}_blocks.{k[1]}.{k[2]}", what) for k, v in sorted(modules.items())}
-    first = {}
-    for k, letter in kinds.items():
-        first.setdefault(letter, k)
+    return (tuple(repeats["down", i] for i in range(n_levels)), tuple(repeats["up", u] for u in range(n_levels)))
+
+
+def _first_blocks(modules: dict[tuple[str, int, int], set[str]], what: str) -> dict[str, str]:
+    """Letter -> key prefix of the first block of that kind (its shapes give kernel, c_r, t_conds, c_cond)."""
+    first: dict[str, str] = {}
+    for k, v in sorted(modules.items()):
+        first.setdefault(_letter(v, f"{k[0]}_blocks.{k[1]}.{k[2]}", what), f"{k[0]}_blocks.{k[1]}.{k[2]}.")
     if "C" not in first or "T" not in first:
         raise CheckpointError(
             f"{what}: the file has no ResBlock or no TimestepBlock; it is not a Stable Cascade U-Net."
         )
-    prefix = lambda k: f"{k[0]}_blocks.{k[1]}.{k[2]}."  # noqa: E731
-    kernel = shape_of(sd, prefix(first["C"]) + "depthwise.weight")[-1]
-    c_r = shape_of(sd, prefix(first["T"]) + "mapper.weight")[1]
-    names = {m[1] for s in modules[first["T"]] if (m := re.fullmatch(r"mapper_(\w+)\.weight", s))}
-    t_conds = tuple(n for n in _COND_ORDER if n in names) + tuple(sorted(names - set(_COND_ORDER)))
-    c_cond = shape_of(sd, prefix(first["A"]) + "kv_mapper.1.weight")[1] if "A" in first else None
-    nhead = tuple(max(1, c // HEAD_DIM) if "A" in cfg else 0 for c, cfg in zip(c_hidden, level_config))
+    return first
+
+
+def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
+    """Infer widths, letters, depths, repeats, heads, kernel, c_r, t_conds and c_cond from block keys."""
+    modules = _block_modules(sd, what)
+    n_levels = 1 + max(level for side, level, _ in modules if side == "down")
+    letters = _level_letters(modules, n_levels, what)
+    level_config, c_hidden, down_n, up_n = _level_patterns(sd, letters, n_levels, what)
+    first = _first_blocks(modules, what)
+    timestep_keys = {k[len(first["T"]):] for k in sd if k.startswith(first["T"])}
+    names = {m[1] for s in timestep_keys if (m := re.fullmatch(r"mapper_(\w+)\.weight", s))}
     return LevelLayout(
         c_hidden=tuple(c_hidden),
         level_config=tuple(level_config),
         blocks=(tuple(down_n), tuple(up_n)),
-        block_repeat=(
-            tuple(repeats["down", i] for i in range(n_levels)),
-            tuple(repeats["up", u] for u in range(n_levels)),
-        ),
-        nhead=nhead,
-        kernel_size=kernel,
-        c_r=c_r,
-        t_conds=t_conds,
-        c_cond=c_cond,
+        block_repeat=_repeats(sd, n_levels),
+        nhead=tuple(max(1, c // HEAD_DIM) if "A" in cfg else 0 for c, cfg in zip(c_hidden, level_config)),
+        kernel_size=shape_of(sd, first["C"] + "depthwise.weight", what)[-1],
+        c_r=shape_of(sd, first["T"] + "mapper.weight", what)[1],
+        t_conds=tuple(n for n in _COND_ORDER if n in names) + tuple(sorted(names - set(_COND_ORDER))),
+        c_cond=shape_of(sd, first["A"] + "kv_mapper.1.weight", what)[1] if "A" in first else None,
     )
 
 

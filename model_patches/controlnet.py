@@ -3,9 +3,9 @@
 ``apply_controlnet(stage_c, controlnet, hint, strength, start, end)`` checks everything first, then
 returns a *clone* of the Stage C handle that carries one more :class:`Control` (key
 ``"scw_controlnet:<file>#<n>"``); the input handle, its network and its other clones never change, and
-clones made later (a LoRA applied after the ControlNet) keep the controls. The Stage C runner asks
-:func:`controls_of` for them, loads the ControlNets with the Stage C (:func:`control_handles`) and wraps
-its network call with :func:`controlled`:
+clones made later (a LoRA applied after the ControlNet) keep the controls. The controls ride on the handle as
+one keyed attachment (:class:`ControlSet`, key ``"scw_controlnet"``), so the Stage C runner loads the
+ControlNets with the Stage C and wraps its network call by asking the handle, never this module:
 
 - each ControlNet runs once per sampling run on its control input; every non-None output is multiplied
   by the strength (the official ``cnet_multiplier``);
@@ -88,46 +88,41 @@ class Control:
 
 
 
-# ---- handles that carry controls ------------------------------------------------------------------
+# ---- the attachment on a Stage C handle ------------------------------------------------------------------
+
+ATTACHMENT_KEY = "scw_controlnet"
 
 
-class _CarriesControls:
-    """Mixin for a handle class: the handle holds ``scw_controls`` and its clones hold them too."""
+@dataclass(frozen=True, eq=False)
+class ControlSet:
+    """The controls on one Stage C handle, riding on it as a keyed attachment (``host.ModelHandle``): clones
+    copy it; the runner asks the handle for the networks to load, their memory and the wrapped network call."""
 
-    scw_controls: tuple[Control, ...] = ()
+    controls: tuple[Control, ...]
 
-    def clone(self) -> Any:
-        return _with_controls(super().clone(), self.scw_controls)
+    def handles(self) -> list[Any]:
+        return [c.controlnet.handle for c in self.controls]
 
+    def memory(self) -> int:
+        return estimate_memory(self.controls)
 
-_CLASSES: dict[type, type] = {}
-
-
-def _with_controls(handle: Any, controls: Sequence[Control]) -> Any:
-    """Turn a fresh handle (a clone nobody else holds) into one carrying ``controls``."""
-    base = type(handle)
-    if issubclass(base, _CarriesControls):
-        base = next(c for c in base.__mro__[1:] if not issubclass(c, _CarriesControls))
-    cls = _CLASSES.get(base)
-    if cls is None:
-        cls = _CLASSES[base] = type(f"Controlled{base.__name__}", (_CarriesControls, base), {})
-    handle.__class__ = cls
-    handle.scw_controls = tuple(controls)
-    return handle
+    def wrap(self, network_fn: Callable[..., torch.Tensor], context: dict[str, Any]) -> Callable[..., torch.Tensor]:
+        return controlled(network_fn, self.controls, context["handle"], context["r_at"], context["latent_shape"])
 
 
 def controls_of(handle: Any) -> tuple[Control, ...]:
     """The controls a Stage C handle carries (none for a plain handle or a bare module)."""
-    return tuple(getattr(handle, "scw_controls", ()))
+    found = getattr(handle, "attachments", {}).get(ATTACHMENT_KEY)
+    return found.controls if found is not None else ()
 
 
 def control_keys(handle: Any) -> list[str]:
     return [c.key for c in controls_of(handle)]
 
 
-def control_handles(controls: Sequence[Control]) -> list[Any]:
-    """The ControlNet handles the runner loads together with Stage C."""
-    return [c.controlnet.handle for c in controls]
+def _with_controls(handle: Any, controls: tuple[Control, ...]) -> Any:
+    """A clone of ``handle`` carrying exactly ``controls`` (none: the attachment is removed)."""
+    return handle.with_attachment(ATTACHMENT_KEY, ControlSet(controls) if controls else None)
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -200,7 +195,7 @@ def apply_controlnet(stage_c: Any, controlnet: ControlNetModel, hint: ControlHin
     existing = controls_of(stage_c)
     control = Control(f"{KEY_PREFIX}{controlnet.name}#{len(existing) + 1}", controlnet, hint, float(strength),
                       float(start), float(end))
-    return _with_controls(stage_c.clone(), existing + (control,))
+    return _with_controls(stage_c, existing + (control,))
 
 
 def remove_control(stage_c: Any, key: str) -> Any:
@@ -208,7 +203,7 @@ def remove_control(stage_c: Any, key: str) -> Any:
     kept = tuple(c for c in controls_of(stage_c) if c.key != key)
     if len(kept) == len(controls_of(stage_c)):
         raise CascadeError(f"no control {key!r} on this Stage C; it has {control_keys(stage_c)}")
-    return _with_controls(stage_c.clone(), kept)
+    return _with_controls(stage_c, kept)
 
 
 def estimate_memory(controls: Sequence[Control]) -> int:

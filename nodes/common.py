@@ -6,13 +6,29 @@ from typing import Any
 
 import torch
 
-from ..cascade.errors import CascadeError, StageMismatchError
+from .. import host
+from ..cascade.errors import CascadeError
+from ..pipeline.settings import SamplingSettings
+from ..samplers.sampling import SAMPLERS
 
-PREFIX = "SCW_"
 ROOT_CATEGORY = "stable_cascade_wurst"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
-STAGE_CHANNELS = {"c": 16, "b": 4}
-STAGE_NAMES = {"c": "Stage C", "b": "Stage B"}
+DEMO_CHOICE = "(tiny random demo)"
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_TIP = ("Weight dtype: 'default' keeps the file's dtype; 'bf16' halves memory (the release was trained in "
+              "bf16); 'fp32' for GPUs without bf16. fp16 is not offered: Stage C overflows in fp16.")
+# "How to fix" endings for a missing model input, by the socket's model.
+FIX = {
+    "stage_c": "connect SCW_StageCLoader (or the stage_c output of SCW_PackagedCheckpointLoader with the Stage C file)",
+    "stage_b": "connect SCW_StageBLoader (or the stage_b output of SCW_PackagedCheckpointLoader with the Stage B file)",
+    "stage_a": "connect SCW_StageALoader (or the stage_a output of SCW_PackagedCheckpointLoader with the Stage B file)",
+    "effnet": "connect SCW_EffNetLoader (or the effnet output of SCW_PackagedCheckpointLoader with the Stage C file)",
+    "previewer": "connect SCW_PreviewerLoader (or the previewer output of SCW_PackagedCheckpointLoader with the "
+                 "Stage C file)",
+    "text_encoder": "connect SCW_TextEncoderLoader (or the text_encoder output of SCW_PackagedCheckpointLoader with "
+                    "the Stage C file)",
+    "clip_vision": "connect SCW_ClipVisionLoader (openai/clip-vit-large-patch14 in models/clip_vision)",
+}
 
 
 def category(family: str) -> str:
@@ -50,37 +66,41 @@ def require(value: Any, socket: str, node: str, what: str, fix: str) -> Any:
     return value
 
 
-def latent_samples(latent: Any, stage: str, socket: str, node: str) -> torch.Tensor:
-    """The samples of a LATENT checked to belong to ``stage`` ("c" or "b") by tag and channel count."""
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise CascadeError(f"{node}: input {socket!r} expects a LATENT dict with 'samples', got "
-                           f"{type(latent).__name__} - connect a LATENT output (e.g. SCW_EmptyLatent)")
-    samples = latent["samples"]
-    other = "b" if stage == "c" else "c"
-    tagged_other = latent.get("scw_stage") == other
-    if tagged_other or samples.ndim != 4 or samples.shape[1] != STAGE_CHANNELS[stage]:
-        found = STAGE_NAMES[other] + " latent" if tagged_other else "a latent"
-        raise StageMismatchError(
-            f"{node}: input {socket!r} got {found} of shape {tuple(samples.shape)}; {STAGE_NAMES[stage]} expects "
-            f"B x {STAGE_CHANNELS[stage]} x h x w - connect the stage_{stage} output of SCW_EmptyLatent "
-            f"(or of the {STAGE_NAMES[stage]} sampler)"
-        )
-    return samples
+def file_choices(folders: tuple[str, ...]) -> list[str]:
+    """The weights files of these model folders, or just the demo choice when they hold none."""
+    return list(host.model_files(folders)) or [DEMO_CHOICE]
 
 
-def stage_latent(samples: torch.Tensor, stage: str, source: dict | None = None) -> dict:
-    """A LATENT dict tagged with its stage; keeps the source's batch_index so batches stay addressable."""
-    out = {"samples": samples, "scw_stage": stage}
-    if source is not None and "batch_index" in source:
-        out["batch_index"] = source["batch_index"]
-    return out
-
-
-def images_from_bchw(x: torch.Tensor) -> torch.Tensor:
-    """B x 3 x H x W network output -> ComfyUI IMAGE (B x H x W x 3, float32, CPU, clamped to [0, 1])."""
-    return x.float().clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous().cpu()
+def dtype_input() -> tuple:
+    return (list(WEIGHT_DTYPES), {"default": "default", "tooltip": _DTYPE_TIP})
 
 
 def seed_input(tooltip: str) -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "step": 1, "control_after_generate": True,
                     "tooltip": tooltip})
+
+
+def schedule_inputs(defaults: SamplingSettings, stage: str) -> dict:
+    """seed, steps, cfg, shift, sampler, rescale, denoise widgets with a stage's defaults."""
+    return {
+        "seed": seed_input(f"Noise seed of {stage}; the same seed gives the same image on any device."),
+        "steps": ("INT", {"default": defaults.steps, "min": 1, "max": 200, "step": 1,
+                          "tooltip": f"Sampling steps of {stage}."}),
+        "cfg": ("FLOAT", {"default": defaults.cfg, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                          "tooltip": "Classifier-free guidance scale; 1 skips the negative branch (faster)."}),
+        "shift": ("FLOAT", {"default": defaults.shift, "min": 0.1, "max": 10.0, "step": 0.05,
+                            "tooltip": "Noise schedule shift (logSNR - 2 ln shift); the official value is 2 for "
+                                       "Stage C and 1 for Stage B."}),
+        "sampler": (list(SAMPLERS), {"default": defaults.sampler, "tooltip": "Sampler; ddpm is the official one."}),
+        "rescale": ("FLOAT", {"default": defaults.rescale, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "CFG rescale (official 0.7 for Stage C, 0 for Stage B): pulls the guided "
+                                         "prediction's std back toward the conditional one."}),
+        "denoise": ("FLOAT", {"default": defaults.denoise, "min": 0.01, "max": 1.0, "step": 0.01,
+                              "tooltip": "1 samples from pure noise; lower starts from the input latent noised to "
+                                         "this level (image-to-image); all steps run from there."}),
+    }
+
+
+def conditioning_input(what: str) -> tuple:
+    return ("CONDITIONING", {"tooltip": f"{what} prompt, from SCW_TextEncode or core's CLIPTextEncode with a "
+                                        "stable_cascade CLIP."})

@@ -11,63 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import torch
 
 from .. import host
 from ..cascade import control_filters as filters
-from ..cascade import image_ops, loading
-from ..cascade.controlnet import RELEASE_PROJ_BLOCKS, ControlNet, ControlNetConfig
+from ..cascade import image_ops
 from ..cascade.errors import CascadeError
 from ..model_patches import controlnet as controlnets
-from .common import category, mappings, require, stage_latent
-from .demo import DEMO_CHOICE
-from .image import effnet_encode, input_pixels
-from .latents import snap_size
-from .loaders import WEIGHT_DTYPES, _dtype_input, file_choices
+from ..pipeline import controls
+from ..pipeline.images import input_pixels
+from .common import DEMO_CHOICE, FIX, WEIGHT_DTYPES, category, dtype_input, file_choices, mappings, require
+from .kinds import NODE_KINDS, load_network
 
 log = logging.getLogger(__name__)
 
 CATEGORY = category("controlnet")
 CONTROL_TYPE = "SCW_CONTROL_INPUT"
-FOLDERS = ("controlnet",)
-SR_OUTPUT_PER_CELL = 32 * 4 / 3  # notebook: output side = Stage C latent side x 32 x 4/3 (48 -> 2048)
-_C_FIX = "connect SCW_StageCLoader (or the stage_c output of SCW_PackagedCheckpointLoader with the Stage C file)"
-_EFFNET_FIX = "connect SCW_EffNetLoader (or the effnet output of SCW_PackagedCheckpointLoader with the Stage C file)"
+FOLDERS = NODE_KINDS["controlnet"].folders
 _IMAGE_TIP = "The input image (e.g. from core's LoadImage)."
-
-
-# ---- helpers (no node state) ------------------------------------------------------------------------------
-
-
-def demo_controlnet(c_in: int, stage_c_config: Any, dtype: torch.dtype | None) -> controlnets.ControlNetModel:
-    """A tiny seeded random ControlNet for an empty models/controlnet folder, shaped for the control input and
-    the connected Stage C (its output is noise, like the other demo networks)."""
-    mode = "large" if c_in == 16 else "effnet"
-    calls = controlnets.resblock_calls(stage_c_config)
-    blocks = tuple(i for i in RELEASE_PROJ_BLOCKS if i < calls) or (0,)
-    cfg = ControlNetConfig.tiny(c_proj=stage_c_config.c_hidden[0], bottleneck_mode=mode, c_in=c_in)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(c_in)
-        module = ControlNet(dataclasses.replace(cfg, proj_blocks=blocks))
-    if dtype is not None:
-        module = module.to(dtype)
-    log.warning("ComfyUI-StableCascade: using a TINY RANDOM ControlNet: put canny.safetensors, inpainting.safetensors "
-                "or super_resolution.safetensors (stabilityai/stable-cascade, controlnet/) into models/controlnet/ "
-                "and pick it in the ControlNet loader.")
-    return controlnets.ControlNetModel(host.wrap(module.eval(), "controlnet"), DEMO_CHOICE)
-
-
-def resolve_controlnet(controlnet: Any, stage_c: Any, hint: controlnets.ControlHint) -> controlnets.ControlNetModel:
-    """The loaded ControlNet, or (demo choice) a tiny random one fitting ``hint`` and ``stage_c``."""
-    if isinstance(controlnet, controlnets.ControlNetModel):
-        return controlnet
-    if isinstance(controlnet, _DemoChoice):
-        return demo_controlnet(hint.images.shape[1], host.module_of(stage_c).config, controlnet.dtype)
-    raise CascadeError(f"SCW_ApplyControlNet: input 'controlnet' got {type(controlnet).__name__} - connect "
-                       "SCW_ControlNetLoader")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +40,15 @@ class _DemoChoice:
     dtype: torch.dtype | None
 
 
-def sr_latents(hint: torch.Tensor) -> tuple[dict, dict]:
-    """Empty Stage C / Stage B latents for a super-resolution control input (B, 16, h, w): Stage C at h x w,
-    Stage B for the notebook's output size h x 32 x 4/3 (a 768 px input: 48 x 48 and 512 x 512)."""
-    b, _, h, w = hint.shape
-    height = snap_size(round(h * SR_OUTPUT_PER_CELL), "super-resolution height")
-    width = snap_size(round(w * SR_OUTPUT_PER_CELL), "super-resolution width")
-    stage_b = torch.zeros(b, 4, math.ceil(height / 4), math.ceil(width / 4))
-    return stage_latent(torch.zeros(b, 16, h, w), "c"), stage_latent(stage_b, "b")
+def _resolve(controlnet: Any, stage_c: Any, hint: controlnets.ControlHint) -> controlnets.ControlNetModel:
+    """The loaded ControlNet, or (demo choice) a tiny random one fitting ``hint`` and ``stage_c``."""
+    if isinstance(controlnet, controlnets.ControlNetModel):
+        return controlnet
+    if isinstance(controlnet, _DemoChoice):
+        return controls.demo_controlnet(hint.images.shape[1], host.module_of(stage_c).config, controlnet.dtype,
+                                        DEMO_CHOICE)
+    raise CascadeError(f"SCW_ApplyControlNet: input 'controlnet' got {type(controlnet).__name__} - connect "
+                       "SCW_ControlNetLoader")
 
 
 def _pixels(image: torch.Tensor, node: str) -> torch.Tensor:
@@ -109,15 +73,12 @@ class ControlNetLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         tip = "canny.safetensors, inpainting.safetensors or super_resolution.safetensors (bf16 variants too)."
-        return {"required": {"file_name": (file_choices(FOLDERS), {"tooltip": tip}), "weight_dtype": _dtype_input()}}
+        return {"required": {"file_name": (file_choices(FOLDERS), {"tooltip": tip}), "weight_dtype": dtype_input()}}
 
     def load(self, file_name: str, weight_dtype: str = "default") -> tuple[Any]:
-        dtype = WEIGHT_DTYPES[weight_dtype]
         if file_name == DEMO_CHOICE:
-            return (_DemoChoice(dtype),)
-        path = host.model_path(FOLDERS, file_name)
-        module = loading.load_controlnet(path, dtype=dtype, operations=host.operations())
-        return (controlnets.ControlNetModel(host.wrap(module, "controlnet"), file_name),)
+            return (_DemoChoice(WEIGHT_DTYPES[weight_dtype]),)
+        return (controlnets.ControlNetModel(load_network("controlnet", file_name, weight_dtype), file_name),)
 
 
 class CannyControl:
@@ -217,10 +178,9 @@ class SuperResolutionControl:
                              "image": ("IMAGE", {"tooltip": "The image to upscale (e.g. 768 x 768)."})}}
 
     def prepare(self, effnet: Any, image: torch.Tensor) -> tuple[Any, dict, dict]:
-        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", _EFFNET_FIX)
-        x = input_pixels(image, self.NODE_ID)
-        hint = filters.super_resolution_hint(lambda px: effnet_encode(model, px), x).cpu()
-        stage_c, stage_b = sr_latents(hint)
+        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", FIX["effnet"])
+        hint = controls.super_resolution_hint(model, input_pixels(image, self.NODE_ID))
+        stage_c, stage_b = controls.sr_latents(hint)
         return (controlnets.ControlHint(hint, "super_resolution"), stage_c, stage_b)
 
 
@@ -256,11 +216,11 @@ class ApplyControlNet:
 
     def apply(self, stage_c: Any, controlnet: Any, control: Any, strength: float, start: float,
               end: float) -> tuple[Any]:
-        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", _C_FIX)
+        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
         if not isinstance(control, controlnets.ControlHint):
             raise CascadeError(f"{self.NODE_ID}: input 'control' got {type(control).__name__} - connect "
                                "SCW_CannyControl, SCW_InpaintControl or SCW_SuperResolutionControl")
-        net = resolve_controlnet(controlnet, model, control)
+        net = _resolve(controlnet, model, control)
         return (controlnets.apply_controlnet(model, net, control, strength, start, end),)
 
 

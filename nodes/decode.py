@@ -6,28 +6,10 @@ from typing import Any
 
 import torch
 
-from .. import host
-from ..cascade import tiling
-from .common import category, images_from_bchw, latent_samples, mappings, require
+from ..pipeline import images
+from .common import FIX, category, mappings, require
 
 CATEGORY = category("decode")
-
-
-def decode_stage_a(stage_a: Any, z: torch.Tensor) -> torch.Tensor:
-    """Stage B latent (SC_B storage convention) -> B x 3 x H x W. The host is asked to make room for a whole
-    decode (offloading other networks); if that still does not fit, the decode runs in tiles."""
-    module = host.module_of(stage_a)
-    host.load([stage_a], tiling.estimate_decode_memory(module.config, tuple(z.shape), module.dtype))
-    weight = next(module.parameters())
-    return tiling.decode_auto(module, z.to(weight.device, weight.dtype), host.free_memory(weight.device), raw=True)
-
-
-def decode_previewer(previewer: Any, z: torch.Tensor) -> torch.Tensor:
-    host.load([previewer])
-    module = host.module_of(previewer)
-    weight = next(module.parameters())
-    with torch.no_grad():
-        return module(z.to(weight.device, weight.dtype))
 
 
 class StageADecode:
@@ -47,11 +29,8 @@ class StageADecode:
         }}
 
     def decode(self, stage_a: Any, latent: dict) -> tuple[torch.Tensor]:
-        model = require(stage_a, "stage_a", self.NODE_ID, "a Stage A model",
-                        "connect SCW_StageALoader (or the stage_a output of SCW_PackagedCheckpointLoader with the "
-                        "Stage B file)")
-        z = latent_samples(latent, "b", "latent", self.NODE_ID)
-        return (images_from_bchw(decode_stage_a(model, z)),)
+        model = require(stage_a, "stage_a", self.NODE_ID, "a Stage A model", FIX["stage_a"])
+        return (images.to_image(images.decode_stage_a(model, latent)),)
 
 
 class PreviewerDecode:
@@ -71,11 +50,8 @@ class PreviewerDecode:
         }}
 
     def decode(self, previewer: Any, latent: dict) -> tuple[torch.Tensor]:
-        model = require(previewer, "previewer", self.NODE_ID, "a Previewer",
-                        "connect SCW_PreviewerLoader (or the previewer output of SCW_PackagedCheckpointLoader with "
-                        "the Stage C file)")
-        z = latent_samples(latent, "c", "latent", self.NODE_ID)
-        return (images_from_bchw(decode_previewer(model, z)),)
+        model = require(previewer, "previewer", self.NODE_ID, "a Previewer", FIX["previewer"])
+        return (images.to_image(images.decode_previewer(model, latent)),)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(StageADecode, PreviewerDecode)

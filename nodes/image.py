@@ -16,111 +16,20 @@ from typing import Any
 
 import torch
 
-from .. import host
 from ..cascade import image_ops
-from ..cascade.effnet import normalize_imagenet
-from ..cascade.errors import CascadeError, ShapeError
-from ..samplers import cascade
-from ..samplers.cascade import CLIP_IMG_KEY
+from ..cascade.errors import ShapeError
+from ..pipeline import IMAGE_TO_IMAGE, SamplingSettings, sample_stage_c
+from ..pipeline import images as image_io
+from ..pipeline.conditioning import attach_image_embeds, merge_entries
+from ..pipeline.latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, latent_sizes, snap_size, stage_latent
 from ..samplers.img2img import NOISING_MODES
-from .common import category, latent_samples, mappings, require, stage_latent
-from .conditioning import merge_entries
-from .latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, latent_sizes, snap_size
-from .sampling import schedule_inputs
+from .common import FIX, category, mappings, require, schedule_inputs
 
 log = logging.getLogger(__name__)
 
 CATEGORY = category("image")
 MIN_OUTPUT = 256  # SCW_EmptyLatent's minimum width and height
-I2I_DEFAULTS = {"steps": 16, "cfg": 4.0, "shift": 2.0, "rescale": 0.7}  # notebook: int(20 * 0.8) steps from 0.8
-_EFFNET_FIX = "connect SCW_EffNetLoader (or the effnet output of SCW_PackagedCheckpointLoader with the Stage C file)"
-_CLIP_FIX = "connect SCW_ClipVisionLoader (openai/clip-vit-large-patch14 in models/clip_vision)"
-_STAGE_A_FIX = "connect SCW_StageALoader (or the stage_a output of SCW_PackagedCheckpointLoader with the Stage B file)"
 _IMAGE_TIP = "The input image (e.g. from core's LoadImage)."
-
-
-# ---- domain calls (through host) -----------------------------------------------------------------------
-
-
-def _module_on_device(handle: Any) -> tuple[torch.nn.Module, torch.Tensor]:
-    host.load([handle])
-    module = host.module_of(handle)
-    return module, next(module.parameters())
-
-
-def effnet_encode(effnet: Any, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> Stage C latent (B, 16, H/32, W/32): ImageNet-normalised in float32 (the
-    official ``effnet_preprocess``), then run in the weights' dtype; float32 on the intermediate device."""
-    module, weight = _module_on_device(effnet)
-    x = normalize_imagenet(x.to(weight.device, torch.float32)).to(weight.dtype)
-    with torch.no_grad():
-        z = module(x)
-    return z.float().to(host.intermediate_device())
-
-
-def encode_clip_images(clip_vision: Any, images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (N, H, W, 3) -> CLIP ViT-L image_embeds (N, 768), float32 on the intermediate device."""
-    module, _ = _module_on_device(clip_vision)
-    return module.encode(images).float().to(host.intermediate_device())
-
-
-def stage_a_encode(stage_a: Any, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> Stage B latent in core's SC_B storage (the encoder output before the
-    official / 0.43), so Stage A decode nodes and core's VAEDecode read it back."""
-    module, weight = _module_on_device(stage_a)
-    with torch.no_grad():
-        z = module.encode_raw(x.to(weight.device, weight.dtype))
-    return z.float().to(host.intermediate_device())
-
-
-def attach_image_embeds(conditioning: list, embeds: torch.Tensor, strength: float) -> list:
-    """A copy of ``conditioning`` whose entries carry ``embeds`` (N, 768) x strength as N more image tokens
-    (``"scw_clip_img"``, (B, N_total, 768)); the input conditioning is not changed."""
-    if not isinstance(conditioning, list) or not conditioning:
-        raise CascadeError(f"SCW_ClipVisionEncode: input 'conditioning' expects CONDITIONING, got "
-                           f"{type(conditioning).__name__} - connect SCW_TextEncode (an empty prompt is fine)")
-    tokens = (embeds * strength).unsqueeze(0)
-    out = []
-    for cond, extras in conditioning:
-        extras = dict(extras)
-        previous = extras.get(CLIP_IMG_KEY)
-        if previous is not None:
-            previous = previous.unsqueeze(1) if previous.ndim == 2 else previous
-            tokens_b = tokens.to(previous).expand(previous.shape[0], -1, -1)
-            extras[CLIP_IMG_KEY] = torch.cat([previous, tokens_b], dim=1)
-        else:
-            extras[CLIP_IMG_KEY] = tokens
-        out.append([cond, extras])
-    return out
-
-
-def input_pixels(image: torch.Tensor, node: str) -> torch.Tensor:
-    """IMAGE -> (B, 3, H, W), at least one EffNet cell (32 x 32 pixels)."""
-    x = image_ops.image_to_bchw(image, f"{node}: input 'image'")
-    image_ops.check_min_size(x, image_ops.EFFNET_STRIDE, f"{node}: the image",
-                             "the EffNet needs 32 pixels for one Stage C cell; use a larger image or upscale it "
-                             "(core's ImageScale)")
-    return x
-
-
-def comparison(reference: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-image PSNR, per-image SSIM, PSNR of the whole batch) of two IMAGEs; a batch-1 reference is
-    compared with every image."""
-    a = image_ops.image_to_bchw(reference, "SCW_ImageCompare: input 'reference'")
-    b = image_ops.image_to_bchw(image, "SCW_ImageCompare: input 'image'")
-    if a.shape[0] == 1 and b.shape[0] > 1:
-        a = a.expand_as(b) if a.shape[1:] == b.shape[1:] else a
-    psnr, ssim = image_ops.psnr(a, b), image_ops.ssim(a, b)
-    overall = image_ops.psnr(a.reshape(1, -1, *a.shape[2:]), b.reshape(1, -1, *b.shape[2:]))[0]
-    return psnr, ssim, overall
-
-
-def comparison_report(psnr: torch.Tensor, ssim: torch.Tensor, overall: torch.Tensor) -> str:
-    lines = [f"image {i + 1}: PSNR {image_ops.format_psnr(p)}, SSIM {s:.4f}"
-             for i, (p, s) in enumerate(zip(psnr.tolist(), ssim.tolist()))]
-    if len(lines) > 1:
-        lines.append(f"batch: PSNR {image_ops.format_psnr(overall.item())}, mean SSIM {ssim.mean().item():.4f}")
-    return "\n".join(lines)
 
 
 # ---- nodes --------------------------------------------------------------------------------------------
@@ -150,9 +59,9 @@ class ClipVisionEncode:
         }}
 
     def encode(self, conditioning: list, clip_vision: Any, image: torch.Tensor, strength: float) -> tuple[list]:
-        model = require(clip_vision, "clip_vision", self.NODE_ID, "a CLIP vision model", _CLIP_FIX)
+        model = require(clip_vision, "clip_vision", self.NODE_ID, "a CLIP vision model", FIX["clip_vision"])
         image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
-        embeds = encode_clip_images(model, image[..., :3])
+        embeds = image_io.encode_clip_images(model, image[..., :3])
         return (attach_image_embeds(conditioning, embeds, strength),)
 
 
@@ -189,13 +98,13 @@ class StageCEncode:
 
     def encode(self, effnet: Any, image: torch.Tensor, width: int, height: int,
                compression: float = DEFAULT_COMPRESSION) -> tuple[dict, dict]:
-        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", _EFFNET_FIX)
-        x = input_pixels(image, self.NODE_ID)
+        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", FIX["effnet"])
+        x = image_io.input_pixels(image, self.NODE_ID)
         height = snap_size(height or x.shape[-2], "height")
         width = snap_size(width or x.shape[-1], "width")
         _, (h_b, w_b) = latent_sizes(width, height, compression)
         pixels = image_ops.resize_cover(x, *image_ops.effnet_input_size(height, width, compression))
-        stage_c = effnet_encode(model, pixels)
+        stage_c = image_io.effnet_encode(model, pixels)
         stage_b = torch.zeros(x.shape[0], 4, h_b, w_b)
         return stage_latent(stage_c, "c"), stage_latent(stage_b, "b")
 
@@ -220,9 +129,9 @@ class ReconstructionEncode:
         }}
 
     def encode(self, effnet: Any, image: torch.Tensor) -> tuple[dict, dict]:
-        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", _EFFNET_FIX)
-        x = input_pixels(image, self.NODE_ID)
-        stage_c = effnet_encode(model, image_ops.downscale_for_reconstruction(x))
+        model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", FIX["effnet"])
+        x = image_io.input_pixels(image, self.NODE_ID)
+        stage_c = image_io.effnet_encode(model, image_ops.downscale_for_reconstruction(x))
         height, width = snap_size(x.shape[-2], "height"), snap_size(x.shape[-1], "width")
         stage_b = torch.zeros(x.shape[0], 4, height // 4, width // 4)
         return stage_latent(stage_c, "c"), stage_latent(stage_b, "b")
@@ -246,13 +155,13 @@ class StageAEncode:
         }}
 
     def encode(self, stage_a: Any, image: torch.Tensor) -> tuple[dict]:
-        model = require(stage_a, "stage_a", self.NODE_ID, "a Stage A model", _STAGE_A_FIX)
+        model = require(stage_a, "stage_a", self.NODE_ID, "a Stage A model", FIX["stage_a"])
         x = image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
         if x.shape[-1] % 4 or x.shape[-2] % 4:
             raise ShapeError(f"{self.NODE_ID}: the image is {x.shape[-1]}x{x.shape[-2]} pixels; Stage A needs "
                              "width and height multiples of 4 - crop or scale it first (core's ImageCrop or "
                              "ImageScale, e.g. to the nearest multiple of 8)")
-        return (stage_latent(stage_a_encode(model, x), "b"),)
+        return (stage_latent(image_io.stage_a_encode(model, x), "b"),)
 
 
 class StageCImageToImage:
@@ -268,8 +177,8 @@ class StageCImageToImage:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        inputs = schedule_inputs(I2I_DEFAULTS, "Stage C")
-        inputs["denoise"] = ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01,
+        inputs = schedule_inputs(IMAGE_TO_IMAGE, "Stage C")
+        inputs["denoise"] = ("FLOAT", {"default": IMAGE_TO_IMAGE.denoise, "min": 0.01, "max": 1.0, "step": 0.01,
                                        "tooltip": "Where sampling starts (the official t_start 0.8): lower keeps "
                                                   "more of the image."})
         return {
@@ -279,7 +188,7 @@ class StageCImageToImage:
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt (usually empty)."}),
                 "latent": ("LATENT", {"tooltip": "The stage_c output of SCW_StageCEncode."}),
                 **inputs,
-                "noising": (list(NOISING_MODES), {"default": "official", "tooltip": (
+                "noising": (list(NOISING_MODES), {"default": IMAGE_TO_IMAGE.noising, "tooltip": (
                     "official: the notebook's recipe (noised with shift 1, a = 0.307 at 0.8); consistent: noised "
                     "with the sampler's shift (a = 0.159 at 0.8 with shift 2), replaces more of the image.")}),
             },
@@ -289,12 +198,10 @@ class StageCImageToImage:
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
                shift: float, sampler: str, rescale: float, denoise: float, noising: str = "official",
                previewer: Any = None) -> tuple[dict]:
-        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", "connect SCW_StageCLoader")
-        samples = latent_samples(latent, "c", "latent", self.NODE_ID)
-        out = cascade.sample_stage_c(model, merge_entries(positive), merge_entries(negative), samples, seed=seed,
-                                     steps=steps, cfg=cfg, shift=shift, sampler=sampler, rescale=rescale,
-                                     denoise=denoise, previewer=previewer, batch_index=latent.get("batch_index"),
-                                     noising=noising)
+        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
+        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise, noising)
+        out = sample_stage_c(model, merge_entries(positive), merge_entries(negative), latent, settings, seed,
+                             previewer=previewer)
         return (stage_latent(out, "c", latent),)
 
 
@@ -320,8 +227,8 @@ class ImageCompare:
 
     def compare(self, reference: torch.Tensor, image: torch.Tensor, gain: float = 4.0,
                 unique_id: str | None = None) -> dict:
-        psnr, ssim, overall = comparison(reference, image)
-        report = comparison_report(psnr, ssim, overall)
+        psnr, ssim, overall = image_io.comparison(reference, image)
+        report = image_io.comparison_report(psnr, ssim, overall)
         log.info("ComfyUI-StableCascade: image comparison (node %s)\n%s", unique_id or "?", report)
         diff = ((image[..., :3].float() - reference[..., :3].float()).abs() * gain).clamp(0.0, 1.0)
         return {"ui": {"text": [report]}, "result": (diff,)}

@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-import math
-
-import torch
-
-from .common import category, mappings, stage_latent
-
-log = logging.getLogger(__name__)
+from ..pipeline.latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, PIXEL_MULTIPLE, empty_latents
+from .common import category, mappings
 
 CATEGORY = category("latent")
-PIXEL_MULTIPLE = 8  # Stage B's latent (H/4) must be even for its PixelUnshuffle(2)
-MAX_RESOLUTION = 16384
-DEFAULT_COMPRESSION = 42.67
-
-
-def snap_size(value: int, name: str) -> int:
-    """value rounded to the nearest multiple of 8 (at least 8), logging when it changes."""
-    snapped = max(PIXEL_MULTIPLE, int(math.floor(value / PIXEL_MULTIPLE + 0.5)) * PIXEL_MULTIPLE)
-    if snapped != value:
-        log.warning("ComfyUI-StableCascade: %s %d is not a multiple of %d; using %d (Stage B needs an even latent).",
-                    name, value, PIXEL_MULTIPLE, snapped)
-    return snapped
-
-
-def latent_sizes(width: int, height: int, compression: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((h_c, w_c), (h_b, w_b)) for an image of width x height, as the official calculate_latent_sizes:
-    Stage C ceil(side / compression), Stage B ceil(side / 4)."""
-    stage_c = (math.ceil(height / compression), math.ceil(width / compression))
-    stage_b = (math.ceil(height / 4), math.ceil(width / 4))
-    return stage_c, stage_b
 
 
 class EmptyLatent:
@@ -61,11 +35,7 @@ class EmptyLatent:
 
     def generate(self, width: int, height: int, batch_size: int = 1,
                  compression: float = DEFAULT_COMPRESSION) -> tuple[dict, dict]:
-        width, height = snap_size(width, "width"), snap_size(height, "height")
-        (h_c, w_c), (h_b, w_b) = latent_sizes(width, height, compression)
-        stage_c = torch.zeros(batch_size, 16, h_c, w_c)
-        stage_b = torch.zeros(batch_size, 4, h_b, w_b)
-        return stage_latent(stage_c, "c"), stage_latent(stage_b, "b")
+        return empty_latents(width, height, batch_size, compression)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(EmptyLatent)

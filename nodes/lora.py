@@ -13,17 +13,13 @@ from .. import host
 from ..cascade.errors import CascadeError
 from ..cascade.lora_format import LoraFile, parse_lora, read_lora_file
 from ..model_patches import lora as lora_patches
-from .common import category, mappings, require
-from .demo import DEMO_CHOICE
-from .loaders import file_choices
+from .common import DEMO_CHOICE, FIX, category, file_choices, mappings, require
+from .kinds import NODE_KINDS, explained
 
 log = logging.getLogger(__name__)
 
 CATEGORY = category("lora")
-FOLDERS = ("loras",)
-_C_FIX = "connect SCW_StageCLoader (or the stage_c output of SCW_PackagedCheckpointLoader with the Stage C file)"
-_TE_FIX = ("connect SCW_TextEncoderLoader (or the text_encoder output of SCW_PackagedCheckpointLoader with the "
-           "Stage C file)")
+FOLDERS = NODE_KINDS["lora"].folders
 _TOKENS_TIP = ("Learned tokens of an official LoRA, one a line in training order: [name]=init_regex, e.g. "
                "[fernando]=^dog</w> (the train_tokens of its training config; the file stores only their ids). "
                "Use the names in prompts. Leave empty for LoRAs without learned tokens.")
@@ -45,7 +41,8 @@ def read_lora(name: str, stage_c: Any, n_tokens: int, text_width: int) -> LoraFi
         log.warning("ComfyUI-StableCascade: using a TINY RANDOM LoRA (models/loras is empty); put a Stage C LoRA "
                     "into models/loras/ and pick it in the LoRA loader.")
         return parse_lora(lora_patches.demo_lora(host.module_of(stage_c), n_tokens, text_width), "demo LoRA")
-    return read_lora_file(host.model_path(FOLDERS, name))
+    with explained():
+        return read_lora_file(host.model_path(FOLDERS, name))
 
 
 def _check_tokens_field(tokens: str | None) -> bool | str:
@@ -86,8 +83,8 @@ class LoraLoader:
 
     def apply(self, stage_c: Any, text_encoder: Any, file_name: str, strength_model: float, strength_text: float,
               tokens: str = "") -> tuple[Any, Any]:
-        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", _C_FIX)
-        encoder = require(text_encoder, "text_encoder", self.NODE_ID, "a text encoder", _TE_FIX)
+        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
+        encoder = require(text_encoder, "text_encoder", self.NODE_ID, "a text encoder", FIX["text_encoder"])
         typed = lora_patches.parse_tokens(tokens)
         width = host.module_of(encoder).text_model.embeddings.token_embedding.weight.shape[1]
         lora = read_lora(file_name, model, len(typed), width)
@@ -113,7 +110,7 @@ class LoraLoaderModelOnly:
         }}
 
     def apply(self, stage_c: Any, file_name: str, strength_model: float) -> tuple[Any]:
-        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", _C_FIX)
+        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
         lora = read_lora(file_name, model, 0, 1280)
         return (lora_patches.apply_lora(model, None, lora, strength_model)[0],)
 

@@ -1,49 +1,20 @@
 """Sampler nodes: Stage C, Stage B, and a one-node cascade running both.
 
-Defaults are the official notebooks' (Stage C: 20 steps, cfg 4, shift 2, rescale 0.7; Stage B: 10 steps,
-cfg 1.1, shift 1, rescale 0). The work is done by ``samplers.cascade``; these nodes only check the sockets.
+Defaults are the official notebooks' (``pipeline.settings``: Stage C 20 steps, cfg 4, shift 2, rescale 0.7;
+Stage B 10 steps, cfg 1.1, shift 1, rescale 0). The work is done by ``pipeline.stages``; these nodes only
+translate the sockets.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..samplers import cascade
-from ..samplers.sampling import SAMPLERS
-from .conditioning import merge_entries
-from .common import category, latent_samples, mappings, require, seed_input, stage_latent
+from ..pipeline import STAGE_B, STAGE_C, SamplingSettings, sample_stage_b, sample_stage_c
+from ..pipeline.conditioning import merge_entries
+from ..pipeline.latents import stage_latent
+from .common import FIX, category, conditioning_input, mappings, require, schedule_inputs
 
 CATEGORY = category("sampling")
-C_DEFAULTS = {"steps": 20, "cfg": 4.0, "shift": 2.0, "rescale": 0.7}
-B_DEFAULTS = {"steps": 10, "cfg": 1.1, "shift": 1.0, "rescale": 0.0}
-_C_FIX = "connect SCW_StageCLoader (or the stage_c output of SCW_PackagedCheckpointLoader with the Stage C file)"
-_B_FIX = "connect SCW_StageBLoader (or the stage_b output of SCW_PackagedCheckpointLoader with the Stage B file)"
-
-
-def schedule_inputs(defaults: dict, stage: str) -> dict:
-    """seed, steps, cfg, shift, sampler, rescale, denoise widgets with a stage's defaults."""
-    return {
-        "seed": seed_input(f"Noise seed of {stage}; the same seed gives the same image on any device."),
-        "steps": ("INT", {"default": defaults["steps"], "min": 1, "max": 200, "step": 1,
-                          "tooltip": f"Sampling steps of {stage}."}),
-        "cfg": ("FLOAT", {"default": defaults["cfg"], "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                          "tooltip": "Classifier-free guidance scale; 1 skips the negative branch (faster)."}),
-        "shift": ("FLOAT", {"default": defaults["shift"], "min": 0.1, "max": 10.0, "step": 0.05,
-                            "tooltip": "Noise schedule shift (logSNR - 2 ln shift); the official value is 2 for "
-                                       "Stage C and 1 for Stage B."}),
-        "sampler": (list(SAMPLERS), {"default": "ddpm", "tooltip": "Sampler; ddpm is the official one."}),
-        "rescale": ("FLOAT", {"default": defaults["rescale"], "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "CFG rescale (official 0.7 for Stage C, 0 for Stage B): pulls the guided "
-                                         "prediction's std back toward the conditional one."}),
-        "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                              "tooltip": "1 samples from pure noise; lower starts from the input latent noised to "
-                                         "this level (image-to-image); all steps run from there."}),
-    }
-
-
-def _conditioning_input(what: str) -> tuple:
-    return ("CONDITIONING", {"tooltip": f"{what} prompt, from SCW_TextEncode or core's CLIPTextEncode with a "
-                                        "stable_cascade CLIP."})
 
 
 class StageCSampler:
@@ -61,21 +32,20 @@ class StageCSampler:
         return {
             "required": {
                 "stage_c": ("SCW_STAGE_C", {"tooltip": "The Stage C model."}),
-                "positive": _conditioning_input("The"),
-                "negative": _conditioning_input("The negative (usually empty)"),
+                "positive": conditioning_input("The"),
+                "negative": conditioning_input("The negative (usually empty)"),
                 "latent": ("LATENT", {"tooltip": "The stage_c output of SCW_EmptyLatent (or an encoded image)."}),
-                **schedule_inputs(C_DEFAULTS, "Stage C"),
+                **schedule_inputs(STAGE_C, "Stage C"),
             },
             "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."})},
         }
 
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
                shift: float, sampler: str, rescale: float, denoise: float, previewer: Any = None) -> tuple[dict]:
-        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", _C_FIX)
-        samples = latent_samples(latent, "c", "latent", self.NODE_ID)
-        out = cascade.sample_stage_c(model, merge_entries(positive), merge_entries(negative), samples, seed=seed,
-                                     steps=steps, cfg=cfg, shift=shift, sampler=sampler, rescale=rescale,
-                                     denoise=denoise, previewer=previewer, batch_index=latent.get("batch_index"))
+        model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
+        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise)
+        out = sample_stage_c(model, merge_entries(positive), merge_entries(negative), latent, settings, seed,
+                             previewer=previewer)
         return (stage_latent(out, "c", latent),)
 
 
@@ -93,21 +63,18 @@ class StageBSampler:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "stage_b": ("SCW_STAGE_B", {"tooltip": "The Stage B model."}),
-            "positive": _conditioning_input("The"),
-            "negative": _conditioning_input("The negative (usually empty)"),
+            "positive": conditioning_input("The"),
+            "negative": conditioning_input("The negative (usually empty)"),
             "stage_c": ("LATENT", {"tooltip": "The Stage C result (output of SCW_StageCSampler)."}),
             "latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
-            **schedule_inputs(B_DEFAULTS, "Stage B"),
+            **schedule_inputs(STAGE_B, "Stage B"),
         }}
 
     def sample(self, stage_b: Any, positive: list, negative: list, stage_c: dict, latent: dict, seed: int,
                steps: int, cfg: float, shift: float, sampler: str, rescale: float, denoise: float) -> tuple[dict]:
-        model = require(stage_b, "stage_b", self.NODE_ID, "a Stage B model", _B_FIX)
-        prior = latent_samples(stage_c, "c", "stage_c", self.NODE_ID)
-        samples = latent_samples(latent, "b", "latent", self.NODE_ID)
-        out = cascade.sample_stage_b(model, merge_entries(positive), merge_entries(negative), prior, samples,
-                                     seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler, rescale=rescale,
-                                     denoise=denoise, batch_index=latent.get("batch_index"))
+        model = require(stage_b, "stage_b", self.NODE_ID, "a Stage B model", FIX["stage_b"])
+        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise)
+        out = sample_stage_b(model, merge_entries(positive), merge_entries(negative), stage_c, latent, settings, seed)
         return (stage_latent(out, "b", latent),)
 
 
@@ -122,12 +89,12 @@ class CascadeSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        c, b = schedule_inputs(C_DEFAULTS, "Stage C"), schedule_inputs(B_DEFAULTS, "Stage B")
+        c, b = schedule_inputs(STAGE_C, "Stage C"), schedule_inputs(STAGE_B, "Stage B")
         return {"required": {
             "stage_c_model": ("SCW_STAGE_C", {"tooltip": "The Stage C model."}),
             "stage_b_model": ("SCW_STAGE_B", {"tooltip": "The Stage B model."}),
-            "positive": _conditioning_input("The"),
-            "negative": _conditioning_input("The negative (usually empty)"),
+            "positive": conditioning_input("The"),
+            "negative": conditioning_input("The negative (usually empty)"),
             "stage_c_latent": ("LATENT", {"tooltip": "The stage_c output of SCW_EmptyLatent."}),
             "stage_b_latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
             "seed": c["seed"], "sampler": c["sampler"],
@@ -139,10 +106,9 @@ class CascadeSampler:
                b_cfg: float) -> tuple[dict, dict]:
         common = {"positive": positive, "negative": negative, "seed": seed, "sampler": sampler, "denoise": 1.0}
         (prior,) = StageCSampler().sample(stage_c_model, latent=stage_c_latent, steps=c_steps, cfg=c_cfg,
-                                          shift=C_DEFAULTS["shift"], rescale=C_DEFAULTS["rescale"], **common)
+                                          shift=STAGE_C.shift, rescale=STAGE_C.rescale, **common)
         (decoded,) = StageBSampler().sample(stage_b_model, stage_c=prior, latent=stage_b_latent, steps=b_steps,
-                                            cfg=b_cfg, shift=B_DEFAULTS["shift"], rescale=B_DEFAULTS["rescale"],
-                                            **common)
+                                            cfg=b_cfg, shift=STAGE_B.shift, rescale=STAGE_B.rescale, **common)
         return prior, decoded
 
 

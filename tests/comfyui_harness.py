@@ -1,4 +1,4 @@
-"""Harness of tests/test_comfyui_integration.py: a ComfyUI checkout's deps, a tmp layout (the pack as a custom
+"""Harness of tests/nodes/test_comfyui_integration.py: a ComfyUI checkout's deps, a tmp layout (the pack as a custom
 node folder plus tiny model files, both brought in by an extra_model_paths.yaml), a ComfyUI server in a
 subprocess on 127.0.0.1, the frontend's UI -> API workflow conversion, and prompt runs followed over /ws.
 """
@@ -118,8 +118,9 @@ def _write_tiny_models(models: Mapping[str, str]) -> None:
     """The loaders' demo networks (tiny, random, sized to fit together) saved as released-layout files."""
     from safetensors.torch import save_file
 
+    from comfyui_stablecascade.cascade.kinds import demo_network
     from comfyui_stablecascade.model_patches.lora import demo_lora
-    from comfyui_stablecascade.nodes.demo import demo_network
+    from comfyui_stablecascade.pipeline.controls import demo_controlnet
 
     for folder, files in TINY_FILES.items():
         for name, kind in files.items():
@@ -129,12 +130,8 @@ def _write_tiny_models(models: Mapping[str, str]) -> None:
     width = text.text_model.embeddings.token_embedding.weight.shape[1]
     for seed, (name, n_tokens) in enumerate(TINY_LORAS.items()):
         save_file(demo_lora(stage_c, n_tokens, width, seed=seed), os.path.join(models["loras"], name))
-    try:
-        from comfyui_stablecascade.nodes.controlnet import demo_controlnet
-    except ImportError:  # a pack without ControlNets: its workflows are not shipped either
-        return
     for name, c_in in TINY_CONTROLNETS.items():
-        sd = demo_controlnet(c_in, stage_c.config, None).module.state_dict()
+        sd = demo_controlnet(c_in, stage_c.config, None, name).module.state_dict()
         save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(models["controlnet"], name))
 
 

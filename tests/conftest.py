@@ -11,8 +11,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 PACKAGE = "comfyui_stablecascade"
+# The shared helpers (tiny_checkpoints, comfyui_harness) live here; the tests sit in subfolders by layer.
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 
 def _load_pack() -> None:

@@ -2,13 +2,12 @@
 
 The layout writers below are written from the layout facts in docs/LAYOUTS.md, independently of the
 loader's converters (cascade/keymaps.py), so a test that writes with these and reads with the loader
-checks the two against each other; tests/test_loading_diffusers.py checks the diffusers writers
+checks the two against each other; tests/cascade/test_loading_diffusers.py checks the diffusers writers
 against diffusers' own classes and converter.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-PACK = "comfyui_stablecascade.cascade"
-NETWORKS = {  # kind -> (module, class, config class)
-    "stage_c": ("stage_c", "StageC", "StageCConfig"), "stage_b": ("stage_b", "StageB", "StageBConfig"),
-    "stage_a": ("stage_a", "StageA", "StageAConfig"), "effnet": ("effnet", "EfficientNetEncoder", "EffNetConfig"),
-    "previewer": ("previewer", "Previewer", "PreviewerConfig"),
-    "controlnet": ("controlnet", "ControlNet", "ControlNetConfig"),
-    "text_encoder": ("text", "TextEncoder", "TextEncoderConfig"),
-    "clip_vision": ("clip_vision", "ClipVision", "ClipVisionConfig"),
-}
+from comfyui_stablecascade.cascade.kinds import COMPONENT_KINDS, KINDS
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent  # the pack (repo root)
+DATA = TESTS / "data"  # committed test data: keys_shapes.json (the spec's key table), schedule_tables.md
+NETWORKS = COMPONENT_KINDS  # every kind the pack builds a network for, from the registry (cascade/kinds.py)
 
 
 def classes(kind: str) -> tuple[Any, Any]:
-    module, cls, cfg = NETWORKS[kind]
-    mod = importlib.import_module(f"{PACK}.{module}")
-    return getattr(mod, cls), getattr(mod, cfg)
+    """(network class, config class) of ``kind``, as the registry declares them."""
+    return KINDS[kind].classes()
 
 
 def tiny_config(kind: str) -> Any:

@@ -1,0 +1,94 @@
+"""The node layer's side of the model kinds: which loader node reads each kind, from which ComfyUI model
+folders, through which socket type; and the one table of "how to fix" hints added to loading errors.
+
+``cascade.kinds`` declares what a kind *is*; this table only adds what a ComfyUI user sees. A new kind is one
+entry there and, when it gets a loader node, one entry here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import host
+from ..cascade import kinds, loading
+from ..cascade.errors import WrongModelError
+from .common import DEMO_CHOICE, WEIGHT_DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeKind:
+    title: str  # display name of the loader node, without the " (SCW)" suffix
+    folders: tuple[str, ...]  # ComfyUI model folders its files are listed from
+    socket: str  # the socket type its loader returns
+
+
+_DIFFUSION, _VAE = ("diffusion_models", "unet"), ("vae",)
+NODE_KINDS: dict[str, NodeKind] = {
+    "stage_c": NodeKind("Load Stage C", _DIFFUSION, "SCW_STAGE_C"),
+    "stage_b": NodeKind("Load Stage B", _DIFFUSION, "SCW_STAGE_B"),
+    "stage_a": NodeKind("Load Stage A", _VAE, "SCW_STAGE_A"),
+    "effnet": NodeKind("Load EffNet Encoder", _VAE, "SCW_EFFNET"),
+    "previewer": NodeKind("Load Previewer", _VAE, "SCW_PREVIEWER"),
+    "text_encoder": NodeKind("Load Text Encoder", ("text_encoders", "clip"), "SCW_TEXT_ENCODER"),
+    "clip_vision": NodeKind("Load CLIP Vision", ("clip_vision",), "SCW_CLIP_VISION"),
+    "controlnet": NodeKind("Load ControlNet", ("controlnet",), "SCW_CONTROLNET"),
+    "packaged": NodeKind("Load Packaged Checkpoint", ("checkpoints",), ""),
+    "lora": NodeKind("Load Stage C LoRA", ("loras",), "SCW_STAGE_C"),
+}
+
+
+def node_title(kind: str) -> str:
+    """The display name of the node that loads ``kind`` ('Load Stage B (SCW)')."""
+    return f"{NODE_KINDS[kind].title} (SCW)"
+
+
+def how_to_load(found: str) -> str:
+    """The "how to fix" sentence for a file of kind ``found`` given to the wrong node."""
+    if found == "lora":
+        return (f"A LoRA is not a network: load the Stage C first, then apply the LoRA with the pack's LoRA node, "
+                f"'{node_title('lora')}'")
+    if found not in NODE_KINDS:
+        return "This pack has no loader for it"
+    return f"Load it with the '{node_title(found)}' node (in models/{NODE_KINDS[found].folders[0]}/)"
+
+
+@contextlib.contextmanager
+def explained() -> Iterator[None]:
+    """Add the node to use to a WrongModelError raised in the block (same type, message extended)."""
+    try:
+        yield
+    except WrongModelError as exc:
+        if exc.found is None:
+            raise
+        raise WrongModelError(f"{exc} {how_to_load(exc.found)}.", exc.found) from exc
+
+
+def demo_network(kind: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """The tiny random network of ``kind``, logging which file to install and where."""
+    module = kinds.demo_network(kind, dtype)
+    folder = NODE_KINDS[kind].folders[0]
+    log.warning("ComfyUI-StableCascade: using a TINY RANDOM %s: images will be noise until real weights are "
+                "installed. Put %s into models/%s/ and pick it in the loader.", kinds.KINDS[kind].label,
+                kinds.KINDS[kind].release, folder)
+    return module
+
+
+
+def load_network(kind: str, file_name: str, weight_dtype: str) -> Any:
+    """The handle of the ``kind`` network in ``file_name`` (or its demo network), built with the host's layers."""
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    if file_name == DEMO_CHOICE:
+        return host.wrap(demo_network(kind, dtype), kind)
+    extra = {"operations": host.operations()} if kinds.KINDS[kind].takes_operations else {}
+    with explained():
+        module = loading.load(kind, host.model_path(NODE_KINDS[kind].folders, file_name), dtype=dtype, **extra)
+    return host.wrap(module, kind)

@@ -1,0 +1,370 @@
+"""Run a ComfyUI workflow with the pack's nodes, no ComfyUI needed (the command line is ``standalone.cli``).
+
+WORKFLOW.json is what ComfyUI saves (UI format: ``nodes``, ``links``...) or an API-format prompt. Widget
+values map to each node's widget inputs in INPUT_TYPES order (with the frontend's hidden
+``control_after_generate`` value after every seed), values are checked as ComfyUI's server checks them
+(ranges, options, VALIDATE_INPUTS), and the nodes an output needs run in dependency order. Images are written
+as PNGs with the API prompt and the workflow in "prompt" / "workflow" text chunks, as ComfyUI's SaveImage
+writes them, so the file drags back into ComfyUI. Models come from a ComfyUI-style models folder (``--models``
+or env SCW_MODELS_DIR); a loader whose folder is empty runs its tiny random demo network, and says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from .. import host
+from ..nodes import NODE_CLASS_MAPPINGS
+from ..nodes.common import DEMO_CHOICE
+from . import core_standins
+
+log = logging.getLogger("comfyui_stablecascade.standalone")
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CONTROL_WIDGET = "control_after_generate"
+UPLOAD_WIDGET = "upload"
+# Drawn by the frontend and never sent to the server; a PrimitiveNode's value is already in its target's widget.
+FRONTEND_ONLY = ("Note", "MarkdownNote", "PrimitiveNode")
+PASS_THROUGH = ("Reroute",)
+MODE_NEVER, MODE_BYPASS = 2, 4
+CORE_NODES = tuple(core_standins.core_standins())  # the core node types the runner stands in for
+
+
+class WorkflowError(ValueError):
+    """The workflow cannot run as written; the message names the node, the value and the fix."""
+
+
+def node_classes(input_dir: str = "input") -> dict[str, type]:
+    """Every node the runner knows: the pack's, then the core stand-ins (LoadImage reading ``input_dir``)."""
+    return {**NODE_CLASS_MAPPINGS, **core_standins.core_standins(input_dir)}
+
+
+# ---- UI format -> API format ------------------------------------------------------------------------
+
+
+def _spec_type_and_options(spec: Any) -> tuple[Any, dict]:
+    kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    options = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return kind, options
+
+
+def is_widget(spec: Any) -> bool:
+    """Whether the frontend draws this input as a widget (a value) rather than a socket."""
+    kind, options = _spec_type_and_options(spec)
+    if options.get("forceInput"):
+        return False
+    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+
+
+def combo_options(spec: Any) -> list | None:
+    kind, options = _spec_type_and_options(spec)
+    if isinstance(kind, (list, tuple)):
+        return list(kind)
+    return list(options.get("options", [])) if kind == "COMBO" else None
+
+
+def has_upload_widget(spec: Any) -> bool:
+    """The frontend adds a serialized "upload" button value after image-upload combos (core's LoadImage)."""
+    return bool(_spec_type_and_options(spec)[1].get("image_upload"))
+
+
+def has_control_widget(name: str, spec: Any) -> bool:
+    """The frontend adds a serialized control_after_generate value after seed-like INT widgets."""
+    kind, options = _spec_type_and_options(spec)
+    return kind == "INT" and bool(options.get(CONTROL_WIDGET) or name in ("seed", "noise_seed"))
+
+
+def input_specs(cls: type) -> dict[str, Any]:
+    """required then optional inputs, in declaration order (the frontend's widget order)."""
+    types = cls.INPUT_TYPES()
+    return {**types.get("required", {}), **types.get("optional", {})}
+
+
+def widget_slots(cls: type) -> list[str]:
+    """Names of the values in widgets_values, in order, including the frontend's control values."""
+    slots = []
+    for name, spec in input_specs(cls).items():
+        if is_widget(spec):
+            slots.append(name)
+            if has_control_widget(name, spec):
+                slots.append(CONTROL_WIDGET)
+            if has_upload_widget(spec):
+                slots.append(UPLOAD_WIDGET)
+    return slots
+
+
+def _links(workflow: Mapping) -> dict[int, tuple[int, int, int, int, str]]:
+    """link id -> (from_node, from_slot, to_node, to_slot, type); both the list and the object forms."""
+    out = {}
+    for link in workflow.get("links", []) or []:
+        if isinstance(link, dict):
+            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                    link.get("type")]
+        out[int(link[0])] = (int(link[1]), int(link[2]), int(link[3]), int(link[4]), link[5])
+    return out
+
+
+def _resolve_source(nodes: Mapping[int, dict], links: Mapping, link_id: int | None) -> tuple[int, int] | None:
+    """(node id, output slot) feeding a link, through Reroutes and bypassed nodes; None if it comes from
+    nothing (a muted node or an unconnected pass-through)."""
+    seen = set()
+    while link_id is not None:
+        if link_id in seen or link_id not in links:
+            return None
+        seen.add(link_id)
+        src, slot, _, _, ltype = links[link_id]
+        node = nodes.get(src)
+        if node is None or node.get("mode") == MODE_NEVER or node["type"] in FRONTEND_ONLY:
+            return None
+        if node["type"] in PASS_THROUGH:
+            link_id = (node.get("inputs") or [{}])[0].get("link")
+        elif node.get("mode") == MODE_BYPASS:
+            # As the frontend: the output takes the first input of the same type.
+            match = [i for i in node.get("inputs", []) if i.get("type") == ltype and i.get("link") is not None]
+            link_id = match[0]["link"] if match else None
+        else:
+            return src, slot
+    return None
+
+
+def _widget_values(node: Mapping, cls: type) -> dict[str, Any]:
+    values = node.get("widgets_values")
+    if values is None:
+        return {}
+    if isinstance(values, Mapping):
+        return {k: v for k, v in values.items() if k in input_specs(cls)}
+    slots = widget_slots(cls)
+    if len(values) != len(slots):
+        raise WorkflowError(
+            f"node {node['id']} ({node['type']}): {len(values)} widget values {list(values)!r} for {len(slots)} "
+            f"widgets {slots}; the workflow was saved with another version of the node - re-create the node"
+        )
+    return {name: v for name, v in zip(slots, values) if name not in (CONTROL_WIDGET, UPLOAD_WIDGET)}
+
+
+def to_api_prompt(workflow: Mapping, classes: Mapping[str, type]) -> dict[str, dict]:
+    """ComfyUI's API format (what its "prompt" PNG chunk holds) of a UI-format workflow."""
+    nodes = {int(n["id"]): n for n in workflow.get("nodes", [])}
+    links = _links(workflow)
+    prompt = {}
+    for node_id, node in sorted(nodes.items()):
+        if node["type"] in FRONTEND_ONLY + PASS_THROUGH or node.get("mode") in (MODE_NEVER, MODE_BYPASS):
+            continue
+        cls = classes.get(node["type"])
+        if cls is None:
+            raise WorkflowError(f"node {node_id}: unknown node type {node['type']!r}; the runner knows the pack's "
+                                f"nodes and the core nodes {list(CORE_NODES)} - install or replace it")
+        inputs = _widget_values(node, cls)
+        for socket in node.get("inputs", []) or []:
+            source = _resolve_source(nodes, links, socket.get("link"))
+            if source is not None:
+                inputs[socket["name"]] = [str(source[0]), source[1]]
+        prompt[str(node_id)] = {"inputs": inputs, "class_type": node["type"],
+                                "_meta": {"title": node.get("title") or node["type"]}}
+    return prompt
+
+
+# ---- checks, as ComfyUI's server does them ----------------------------------------------------------
+
+
+def _check_value(node_id: str, cls: type, name: str, spec: Any, value: Any) -> None:
+    kind, options = _spec_type_and_options(spec)
+    where = f"node {node_id} ({cls.__name__}) input {name!r}"
+    choices = combo_options(spec)
+    if choices is not None:
+        if value not in choices:
+            raise WorkflowError(f"{where}: {value!r} is not one of {choices}")
+        return
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):
+            raise WorkflowError(f"{where}: {value!r} is not a{'n integer' if kind == 'INT' else ' number'}")
+        if "min" in options and value < options["min"]:
+            raise WorkflowError(f"{where}: {value} is below the minimum {options['min']}")
+        if "max" in options and value > options["max"]:
+            raise WorkflowError(f"{where}: {value} is above the maximum {options['max']}")
+    elif kind == "STRING" and not isinstance(value, str):
+        raise WorkflowError(f"{where}: {value!r} is not a string")
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        raise WorkflowError(f"{where}: {value!r} is not a boolean")
+
+
+def _use_demo_for_missing_files(node_id: str, cls: type, inputs: dict) -> None:
+    """A loader naming a file its empty folder lacks runs the tiny demo network instead (logged by it)."""
+    demo = DEMO_CHOICE
+    for name, spec in input_specs(cls).items():
+        choices = combo_options(spec)
+        if choices == [demo] and inputs.get(name) not in (None, demo):
+            node = getattr(cls, "NODE_ID", cls.__name__)
+            log.warning("ComfyUI-StableCascade: node %s (%s): %r is not installed (no weights file in models/%s); "
+                        "running the tiny random demo network instead.", node_id, node, inputs[name],
+                        " or models/".join(getattr(cls, "FOLDERS", ())))
+            inputs[name] = demo
+
+
+def validate(prompt: dict[str, dict], classes: Mapping[str, type]) -> None:
+    """Missing inputs, links to missing nodes, widget values out of range, VALIDATE_INPUTS messages."""
+    for node_id, entry in prompt.items():
+        cls = classes[entry["class_type"]]
+        inputs = entry["inputs"]
+        _use_demo_for_missing_files(node_id, cls, inputs)
+        required = cls.INPUT_TYPES().get("required", {})
+        for name, spec in input_specs(cls).items():
+            value = inputs.get(name)
+            if value is None:
+                if name in required:
+                    raise WorkflowError(f"node {node_id} ({entry['class_type']}): required input {name!r} is not "
+                                        "connected or has no value")
+            elif isinstance(value, list):
+                if value[0] not in prompt:
+                    raise WorkflowError(f"node {node_id}: input {name!r} is linked to node {value[0]}, which does "
+                                        "not run (muted, bypassed without a matching input, or missing)")
+            else:
+                _check_value(node_id, cls, name, spec, value)
+        check = getattr(cls, "VALIDATE_INPUTS", None)
+        if check is not None:
+            params = inspect.signature(check).parameters
+            result = check(**{k: v for k, v in inputs.items() if k in params and not isinstance(v, list)})
+            if result is not True:
+                raise WorkflowError(f"node {node_id} ({entry['class_type']}): {result}")
+
+
+# ---- execution --------------------------------------------------------------------------------------
+
+
+def execution_order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]:
+    """The nodes the output nodes need, each after its inputs (as ComfyUI, nodes no output needs don't run)."""
+    outputs = [i for i, e in prompt.items() if getattr(classes[e["class_type"]], "OUTPUT_NODE", False)]
+    if not outputs:
+        raise WorkflowError("the workflow has no output node (e.g. SaveImage), so nothing would run - add one")
+    order: list[str] = []
+    state: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+
+    def upstream(node_id: str) -> int:
+        if node_id not in sizes:
+            sizes[node_id] = 0  # a cycle is reported by visit(); this only keeps the count finite
+            sizes[node_id] = 1 + sum(upstream(v[0]) for v in prompt[node_id]["inputs"].values() if isinstance(v, list))
+        return sizes[node_id]
+
+    def visit(node_id: str) -> None:
+        if state.get(node_id) == "done":
+            return
+        if state.get(node_id) == "active":
+            raise WorkflowError(f"the workflow has a cycle through node {node_id}")
+        state[node_id] = "active"
+        # Deepest inputs first, so a loader (no inputs) runs just before the node that needs it and its network
+        # is not resident while earlier stages run.
+        links = [v for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
+        for value in sorted(links, key=lambda v: -upstream(v[0])):
+            visit(value[0])
+        state[node_id] = "done"
+        order.append(node_id)
+
+    for node_id in sorted(outputs, key=int):
+        visit(node_id)
+    return order
+
+
+def _hidden_inputs(cls: type, node_id: str, prompt: dict, workflow: Mapping | None) -> dict[str, Any]:
+    values = {"PROMPT": prompt, "EXTRA_PNGINFO": {"workflow": workflow} if workflow is not None else None,
+              "UNIQUE_ID": node_id}
+    return {name: values.get(kind) for name, kind in cls.INPUT_TYPES().get("hidden", {}).items()}
+
+
+def execute(prompt: dict[str, dict], classes: Mapping[str, type], workflow: Mapping | None = None,
+            output: Any = None) -> dict[str, tuple]:
+    """Run the nodes in dependency order; returns the output nodes' results by node id.
+
+    A node's outputs are dropped after their last consumer ran (networks handed back to the host), so a
+    stage's networks are not held while later stages run.
+    """
+    results: dict[str, tuple] = {}
+    order = execution_order(prompt, classes)
+    pending = Counter(v[0] for n in order for v in prompt[n]["inputs"].values() if isinstance(v, list))
+    for node_id in order:
+        entry = prompt[node_id]
+        cls = classes[entry["class_type"]]
+        kwargs = {name: results[v[0]][v[1]] if isinstance(v, list) else v for name, v in entry["inputs"].items()}
+        kwargs.update(_hidden_inputs(cls, node_id, prompt, workflow))
+        if issubclass(cls, core_standins.SaveImage):
+            kwargs["output"] = output
+        log.info("ComfyUI-StableCascade: running node %s (%s)", node_id, entry["class_type"])
+        try:
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        except Exception:
+            log.error("ComfyUI-StableCascade: node %s (%s) failed", node_id, entry["class_type"])
+            raise
+        results[node_id] = tuple(out.get("result", ()) if isinstance(out, dict) else out)
+        for value in entry["inputs"].values():
+            if isinstance(value, list):
+                pending[value[0]] -= 1
+                if pending[value[0]] == 0:
+                    host.forget(results.pop(value[0], ()))
+    return results
+
+
+def override_seed(workflow: Mapping | None, prompt: dict[str, dict], classes: Mapping[str, type], seed: int) -> None:
+    """Set every seed widget (INT with a control_after_generate value) in the prompt and in the workflow copy
+    that gets embedded, so the PNG reproduces the run."""
+    for entry in prompt.values():
+        for name, spec in input_specs(classes[entry["class_type"]]).items():
+            if has_control_widget(name, spec) and not isinstance(entry["inputs"].get(name), list):
+                entry["inputs"][name] = seed
+    for node in (workflow or {}).get("nodes", []):
+        cls = classes.get(node["type"])
+        if cls is None or not isinstance(node.get("widgets_values"), list):
+            continue
+        slots = widget_slots(cls)
+        for index, name in enumerate(slots):
+            if index < len(node["widgets_values"]) and name in input_specs(cls) and \
+                    has_control_widget(name, input_specs(cls)[name]):
+                node["widgets_values"][index] = seed
+
+
+def read_workflow(source: str | Mapping) -> tuple[dict | None, dict]:
+    """(UI workflow or None, API prompt-or-UI data) from a path or an already parsed JSON object."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as f:
+            source = json.load(f)
+    data = json.loads(json.dumps(source))  # a private copy: seeds and demo choices are written into it
+    if "nodes" in data:
+        return data, data
+    if data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        return None, data
+    raise WorkflowError("the file is neither a ComfyUI workflow (no 'nodes') nor an API prompt (no 'class_type')")
+
+
+def default_input_dir(source: str | Mapping) -> str:
+    """Images for LoadImage: the ``inputs`` folder next to a workflow file when there is one (the shipped
+    workflows keep their example images there), else ./input as in ComfyUI."""
+    if isinstance(source, (str, os.PathLike)):
+        beside = os.path.join(os.path.dirname(os.path.abspath(source)), "inputs")
+        if os.path.isdir(beside):
+            return beside
+    return "input"
+
+
+def run_workflow(source: str | Mapping, out: str | None = None, output_dir: str = "output", seed: int | None = None,
+                 models: str | None = None, input_dir: str | None = None) -> list[str]:
+    """Check and run a workflow; returns the paths of the images written."""
+    if models:
+        host.set_models_dir(models)
+    classes = node_classes(input_dir or default_input_dir(source))
+    workflow, data = read_workflow(source)
+    prompt = to_api_prompt(workflow, classes) if workflow is not None else data
+    if seed is not None:
+        override_seed(workflow, prompt, classes, seed)
+    # As ComfyUI: only what an output needs is checked and run.
+    validate({node_id: prompt[node_id] for node_id in execution_order(prompt, classes)}, classes)
+    output = core_standins.OutputPlan(directory=output_dir, out=out)
+    execute(prompt, classes, workflow, output)
+    if any(DEMO_CHOICE in e["inputs"].values() for e in prompt.values()):
+        log.warning("ComfyUI-StableCascade: this run used tiny random networks, so the image is NOISE. Install the "
+                    "weights named in the warnings above (see README, 'Which file goes where') and run again.")
+    return output.written
