@@ -1,6 +1,8 @@
 """OpenAI CLIP ViT-L/14 image encoder for Stage C image variations (SPEC §9).
 
-transformers' CLIP vision tower with its projection, config written here; the preprocessing is the
+The CLIP vision tower with its projection in plain torch, module for module and key for key as
+transformers' ``CLIPVisionModelWithProjection`` (whose modelling import can fail through a broken
+torchaudio; see cascade/text.py), config written here; the preprocessing is the
 official torchvision pipeline redone in torch: resize the shorter side to 224 (bicubic, antialiased),
 center-crop 224, normalise with CLIP's mean and std.
 """
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, ShapeError, UnknownLayoutError
-from .text import assign_checked, count_layers, find_prefixes, log_unused, pick_widest
+from .clip_layers import ClipEncoder, assign_checked, count_layers, find_prefixes, log_unused, pick_widest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class ClipVisionConfig:
         )
 
     def to_transformers(self) -> Any:
+        """The same sizes as a transformers ``CLIPVisionConfig`` (parity tests only)."""
         from transformers import CLIPVisionConfig
 
         return CLIPVisionConfig(
@@ -108,6 +111,42 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     return (x - mean) / std
 
 
+class ClipVisionEmbeddings(nn.Module):
+    """Patch embedding (a stride-p conv, no bias), a learned class token and learned positions."""
+
+    def __init__(self, config: ClipVisionConfig, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        w, p = config.hidden_size, config.patch_size
+        # Creation order as in transformers, so state_dict() lists the keys in the same order.
+        self.class_embedding = nn.Parameter(torch.zeros(w, device=device, dtype=dtype))
+        self.patch_embedding = nn.Conv2d(3, w, kernel_size=p, stride=p, bias=False, device=device, dtype=dtype)
+        positions = (config.image_size // p) ** 2 + 1
+        self.position_embedding = nn.Embedding(positions, w, device=device, dtype=dtype)
+        self.register_buffer("position_ids", torch.arange(positions, device=device).expand(1, -1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(pixels.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding(self.position_ids)
+
+
+class ClipVisionTransformer(nn.Module):
+    """CLIP's ViT: ``forward(pixels) -> pooled`` (the class token after ``post_layernorm``)."""
+
+    def __init__(self, config: ClipVisionConfig, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        w, eps = config.hidden_size, config.layer_norm_eps
+        self.embeddings = ClipVisionEmbeddings(config, device=device, dtype=dtype)
+        self.pre_layrnorm = nn.LayerNorm(w, eps=eps, device=device, dtype=dtype)  # sic: transformers' key name
+        self.encoder = ClipEncoder(config.num_layers, w, config.num_heads, config.intermediate_size,
+                                   config.hidden_act, eps, device=device, dtype=dtype)
+        self.post_layernorm = nn.LayerNorm(w, eps=eps, device=device, dtype=dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
+        return self.post_layernorm(hidden[:, 0, :])
+
+
 class ClipVision(nn.Module):
     """CLIP vision tower + projection; ``encode`` gives Stage C's ``clip_img`` rows.
 
@@ -115,7 +154,7 @@ class ClipVision(nn.Module):
         config (`ClipVisionConfig`): sizes; ``ClipVisionConfig.vit_l14()`` for the release.
         dtype (`torch.dtype`, *optional*): parameter dtype.
         device (`torch.device` or `str`, *optional*): where parameters are created (``"meta"`` for loaders).
-        operations: accepted for the common constructor signature and ignored (transformers' layers).
+        operations: accepted for the common constructor signature and ignored (plain ``torch.nn`` layers).
 
     State-dict keys are transformers' (``vision_model.*``, ``visual_projection.weight``).
     """
@@ -123,15 +162,10 @@ class ClipVision(nn.Module):
     def __init__(self, config: ClipVisionConfig, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, operations: Any = None) -> None:
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
         self.config = config
-        with torch.device(device if device is not None else "cpu"):
-            hf = CLIPVisionModelWithProjection(config.to_transformers())
-        if dtype is not None:
-            hf = hf.to(dtype)
-        self.vision_model = hf.vision_model
-        self.visual_projection = hf.visual_projection
+        factory = {"device": device if device is not None else "cpu", "dtype": dtype}
+        self.vision_model = ClipVisionTransformer(config, **factory)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False, **factory)
         self.eval().requires_grad_(False)
 
     @property
@@ -157,9 +191,12 @@ class ClipVision(nn.Module):
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Already preprocessed (B, 3, 224, 224) pixels -> (B, projection_dim)."""
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ShapeError(f"pixel_values of shape {tuple(pixel_values.shape)}; expected (B, 3, {size}, {size}) - "
+                             "preprocess with clip_preprocess (or call encode with ComfyUI IMAGE tensors).")
         pixels = pixel_values.to(device=self.device, dtype=self.dtype)
-        pooled = self.vision_model(pixel_values=pixels).pooler_output
-        return self.visual_projection(pooled)
+        return self.visual_projection(self.vision_model(pixels))
 
     @staticmethod
     def convert_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import unet_keys
 from .common import resolve_ops
 from .effnet import EffNetConfig, features_config, build_features
 from .errors import CheckpointError, ShapeError
@@ -111,7 +112,7 @@ class ControlNetConfig:
                 "expected a Stable Cascade ControlNet (canny, inpainting, super_resolution .safetensors). "
                 "Pick a ControlNet file for this loader."
             )
-        c_proj = int(sd["projections.0.2.weight"].shape[0])
+        c_proj = unet_keys.shape_of(sd, "projections.0.2.weight", what, rank=4)[0]
         if proj_blocks is None:
             proj_blocks = RELEASE_PROJ_BLOCKS if n_proj == len(RELEASE_PROJ_BLOCKS) else tuple(range(n_proj))
         proj_blocks = tuple(int(i) for i in proj_blocks)
@@ -121,8 +122,8 @@ class ControlNetConfig:
                 "give one Stage C block index per projection."
             )
         if "backbone.0.0.weight" in sd:
-            stem = sd["backbone.0.0.weight"]
-            cfg = cls(c_in=int(stem.shape[1]), c_proj=c_proj, proj_blocks=proj_blocks, bottleneck_mode="effnet",
+            c_in = unet_keys.shape_of(sd, "backbone.0.0.weight", what, rank=4)[1]
+            cfg = cls(c_in=c_in, c_proj=c_proj, proj_blocks=proj_blocks, bottleneck_mode="effnet",
                       effnet=features_config(EffNetConfig, sd, "backbone.", what))
         elif "backbone.3.blocks.0.weight" in sd:
             n_blocks = len({m.group(1) for k in sd if (m := re.match(r"backbone\.(\d+)\.blocks\.0\.weight$", k))})
@@ -131,13 +132,14 @@ class ControlNetConfig:
                 raise CheckpointError(
                     f"{what}: 'large' backbone without {out_key} or backbone.2.weight; the file is damaged."
                 )
-            cfg = cls(c_in=int(sd["backbone.0.weight"].shape[1]), c_proj=c_proj, proj_blocks=proj_blocks,
-                      bottleneck_mode="large", c_large_hidden=int(sd["backbone.0.weight"].shape[0]),
-                      c_large=int(sd["backbone.2.weight"].shape[0]), large_blocks=n_blocks,
-                      c_large_out=int(sd[out_key].shape[0]))
+            c_large_hidden, c_in = unet_keys.shape_of(sd, "backbone.0.weight", what, rank=4)[:2]
+            cfg = cls(c_in=c_in, c_proj=c_proj, proj_blocks=proj_blocks,
+                      bottleneck_mode="large", c_large_hidden=c_large_hidden,
+                      c_large=unet_keys.shape_of(sd, "backbone.2.weight", what, rank=4)[0], large_blocks=n_blocks,
+                      c_large_out=unet_keys.shape_of(sd, out_key, what, rank=4)[0])
         elif "backbone.0.weight" in sd and "backbone.2.weight" in sd:
-            cfg = cls(c_in=int(sd["backbone.0.weight"].shape[1]), c_proj=c_proj, proj_blocks=proj_blocks,
-                      bottleneck_mode="simple")
+            cfg = cls(c_in=unet_keys.shape_of(sd, "backbone.0.weight", what, rank=4)[1], c_proj=c_proj,
+                      proj_blocks=proj_blocks, bottleneck_mode="simple")
         else:
             raise CheckpointError(
                 f"{what}: the backbone keys fit none of the modes {MODES} (no backbone.0.0.weight, "
@@ -149,7 +151,7 @@ class ControlNetConfig:
 
 
 def _check_keys(cfg: ControlNetConfig, sd: Mapping[str, Any], what: str) -> None:
-    want = {k: tuple(v.shape) for k, v in ControlNet(cfg, device="meta").state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in unet_keys.build_meta(ControlNet, cfg, what).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
     bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if bad:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import unet_keys
 from .common import resolve_ops
 from .errors import CheckpointError, ShapeError
 
@@ -90,7 +91,7 @@ def features_config(cls: type, sd: Mapping[str, Any], prefix: str, what: str) ->
     head = max(blocks) if blocks else 0
     if head < 2 or f"{prefix}{head}.0.weight" not in sd:
         raise CheckpointError(f"{what}: found no stage/head keys under {prefix!r}; the file is not an EfficientNet.")
-    c_stem = int(sd[stem_key].shape[0])
+    c_stem = unet_keys.shape_of(sd, stem_key, what, rank=4)[0]
     c_in = c_stem
     stages = []
     for s in range(1, head):
@@ -99,17 +100,17 @@ def features_config(cls: type, sd: Mapping[str, Any], prefix: str, what: str) ->
             raise CheckpointError(f"{what}: stage {s} has no blocks ({prefix}{s}.0.* missing); the file is damaged.")
         first = f"{prefix}{s}.0.block."
         mb = f"{first}2.fc1.weight" in sd
-        expanded = int(sd[f"{first}0.0.weight"].shape[0])
+        expanded = unet_keys.shape_of(sd, f"{first}0.0.weight", what, rank=4)[0]
         if mb or f"{first}1.0.weight" in sd:
-            c_out = int(sd[f"{first}{3 if mb else 1}.0.weight"].shape[0])
+            c_out = unet_keys.shape_of(sd, f"{first}{3 if mb else 1}.0.weight", what, rank=4)[0]
             expand = max(1, round(expanded / c_in))
         else:
             c_out, expand = expanded, 1
         stride = V2_S_STAGES[s - 1][2] if s - 1 < len(V2_S_STAGES) else 1
         stages.append(("mb" if mb else "fused", expand, stride, c_out, n_blocks))
         c_in = c_out
-    c_head = int(sd[f"{prefix}{head}.0.weight"].shape[0])
-    c_latent = int(sd["mapper.0.weight"].shape[0]) if "mapper.0.weight" in sd else cls.c_latent
+    c_head = unet_keys.shape_of(sd, f"{prefix}{head}.0.weight", what, rank=4)[0]
+    c_latent = unet_keys.shape_of(sd, "mapper.0.weight", what, rank=4)[0] if "mapper.0.weight" in sd else cls.c_latent
     return cls(c_stem=c_stem, stages=tuple(stages), c_head=c_head, c_latent=c_latent)
 
 

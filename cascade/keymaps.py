@@ -149,24 +149,31 @@ def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape) if key in sd else ()
 
 
+def _dim(sd: Mapping[str, Any], key: str, i: int) -> int | None:
+    """Dimension ``i`` of ``sd[key]``, or None when the key is missing or has too few dimensions (detection
+    only names a variant; the config inference reports damaged shapes with the key)."""
+    shape = _shape(sd, key)
+    return shape[i] if -len(shape) <= i < len(shape) else None
+
+
 def _variant(kind: str, sd: Mapping[str, Any], p: str) -> str:
     if kind == "stage_c":
-        c = _shape(sd, p + "clip_txt_mapper.weight")[:1]
-        return {(2048,): "big 3.6B", (1536,): "lite 1B"}.get(c, f"custom, c_cond={c[0] if c else '?'}")
+        c = _dim(sd, p + "clip_txt_mapper.weight", 0)
+        return {2048: "big 3.6B", 1536: "lite 1B"}.get(c, f"custom, c_cond={c if c is not None else '?'}")
     if kind == "stage_b":
-        w = _shape(sd, p + "down_blocks.1.0.channelwise.0.weight")[-1:]
-        return {(640,): "big 1.5B", (576,): "lite 700M"}.get(w, f"custom, width {w[0] if w else '?'}")
+        w = _dim(sd, p + "down_blocks.1.0.channelwise.0.weight", -1)
+        return {640: "big 1.5B", 576: "lite 700M"}.get(w, f"custom, width {w if w is not None else '?'}")
     if kind == "controlnet":
         if p + "backbone.0.weight" in sd:
-            return f"large backbone, c_in={_shape(sd, p + 'backbone.0.weight')[1]}"
-        c_in = _shape(sd, p + "backbone.0.0.weight")[1]
+            return f"large backbone, c_in={_dim(sd, p + 'backbone.0.weight', 1)}"
+        c_in = _dim(sd, p + "backbone.0.0.weight", 1)
         return {1: "canny", 4: "inpainting"}.get(c_in, f"effnet backbone, c_in={c_in}")
     if kind == "text_encoder":
-        w = _shape(sd, p + "text_model.final_layer_norm.weight") or _shape(sd, p + "token_embedding.weight")[1:]
-        return {(1280,): "CLIP ViT-bigG", (768,): "CLIP ViT-L", (1024,): "CLIP ViT-H"}.get(w, f"width {w[-1]}")
+        w = _dim(sd, p + "text_model.final_layer_norm.weight", 0) or _dim(sd, p + "token_embedding.weight", 1)
+        return {1280: "CLIP ViT-bigG", 768: "CLIP ViT-L", 1024: "CLIP ViT-H"}.get(w, f"width {w}")
     if kind == "clip_vision":
-        w = _shape(sd, p + "vision_model.post_layernorm.weight")
-        return {(1024,): "ViT-L", (1280,): "ViT-H", (1664,): "ViT-bigG"}.get(w, f"width {w[-1]}")
+        w = _dim(sd, p + "vision_model.post_layernorm.weight", 0)
+        return {1024: "ViT-L", 1280: "ViT-H", 1664: "ViT-bigG"}.get(w, f"width {w}")
     return ""
 
 
@@ -212,7 +219,13 @@ _QKV = re.compile(r"^(.*\.attention\.)(?:attn\.)?to_([qkv])\.(weight|bias)$")
 _TO_OUT = re.compile(r"^(.*\.attention\.)to_out\.0\.(weight|bias)$")
 
 
-def _cat_rows(ts: list[Any]) -> Any:
+def _cat_rows(ts: list[Any], names: list[str]) -> Any:
+    shapes = [tuple(t.shape) for t in ts]
+    if any(len(sh) != len(shapes[0]) or sh[1:] != shapes[0][1:] or not sh for sh in shapes):
+        raise CheckpointError(
+            f"attention projections {names} have shapes {shapes}; expected q, k and v of one shape (c,) or "
+            "(c, c) to stack into in_proj. The file is damaged; download it again."
+        )
     if ts[0].is_meta:  # header pass: only the shape matters, and torch.cat on meta costs seconds the first time
         return torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=ts[0].dtype, device="meta")
     return torch.cat(ts, dim=0)
@@ -238,7 +251,8 @@ def unet_to_original(sd: dict[str, Any]) -> dict[str, Any]:
                 "or damaged - re-download it."
             )
         name = "in_proj_weight" if what == "weight" else "in_proj_bias"
-        sd[f"{base}attn.{name}"] = _cat_rows([sd.pop(parts[c]) for c in "qkv"])
+        names = [parts[c] for c in "qkv"]
+        sd[f"{base}attn.{name}"] = _cat_rows([sd.pop(n) for n in names], names)
     if "clip_txt_pooled_mapper.weight" in sd and "effnet_mapper.0.weight" in sd and "clip_txt_mapper.weight" not in sd:
         for what in ("weight", "bias"):
             if f"clip_txt_pooled_mapper.{what}" in sd:

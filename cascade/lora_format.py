@@ -122,7 +122,9 @@ def read_lora_file(path: str) -> LoraFile:
     header = loading.read_header(path)  # safetensors only; pickles and damaged files raise here
     if not is_lora_state_dict(header):
         raise not_a_lora(header, name)
-    return parse_lora(loading.read_safetensors(path), name)
+    sd = loading.read_safetensors(path)
+    loading.check_finite(path, sd)  # a NaN LoRA would turn every image it touches black
+    return parse_lora(sd, name)
 
 
 def parse_lora(sd: Mapping[str, torch.Tensor], name: str = "LoRA") -> LoraFile:

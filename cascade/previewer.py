@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import unet_keys
 from .common import resolve_ops
 from .errors import CheckpointError, ShapeError
 
@@ -49,9 +50,9 @@ class PreviewerConfig:
                 f"{what}: key {missing[0]!r} is missing (found e.g. {sample}); expected the original "
                 "previewer.safetensors layout (blocks.0 ... blocks.24). Pick the Previewer file for this loader."
             )
-        c_hidden, c_in = (int(s) for s in sd["blocks.0.weight"].shape[:2])
-        cfg = cls(c_in=c_in, c_hidden=c_hidden, c_out=int(sd["blocks.24.weight"].shape[0]))
-        want = {k: tuple(v.shape) for k, v in Previewer(cfg, device="meta").state_dict().items()}
+        c_hidden, c_in = unet_keys.shape_of(sd, "blocks.0.weight", what, rank=4)[:2]
+        cfg = cls(c_in=c_in, c_hidden=c_hidden, c_out=unet_keys.shape_of(sd, "blocks.24.weight", what, rank=4)[0])
+        want = {k: tuple(v.shape) for k, v in unet_keys.build_meta(Previewer, cfg, what).state_dict().items()}
         have = {k: tuple(v.shape) for k, v in sd.items() if re.match(r"blocks\.\d+\.", k)}
         if want != have:
             bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[:3]

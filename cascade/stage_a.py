@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import unet_keys
 from .common import nchw, nhwc, resolve_ops, to_channels_last
 from .errors import CheckpointError, ShapeError
 
@@ -83,8 +84,8 @@ class StageAConfig:
         levels = len(down_res)
         if levels < 1:
             raise CheckpointError(f"{what}: no down_blocks.*.gammas keys; the file is not a Stage A (VQGAN).")
-        c_hidden = int(sd["up_blocks.0.0.weight"].shape[0])
-        codebook_size, c_latent = (int(s) for s in sd["vquantizer.codebook.weight"].shape)
+        c_hidden = unet_keys.shape_of(sd, "up_blocks.0.0.weight", what, rank=4)[0]
+        codebook_size, c_latent = unet_keys.shape_of(sd, "vquantizer.codebook.weight", what, rank=2)
         config = cls(
             levels=levels,
             bottleneck_blocks=len(up_res) - (levels - 1),
@@ -97,7 +98,7 @@ class StageAConfig:
 
 
 def _check_keys(config: StageAConfig, sd: Mapping[str, Any], what: str) -> None:
-    want = {k: tuple(v.shape) for k, v in StageA(config, device="meta").state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in unet_keys.build_meta(StageA, config, what).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
     wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))

@@ -76,7 +76,7 @@ class StageBConfig:
                     "clf.1.weight"]
         unet_keys.require(sd, required, what)
         levels = unet_keys.infer_levels(sd, what)
-        clip_rows, c_clip = unet_keys.shape_of(sd, "clip_mapper.weight")
+        clip_rows, c_clip = unet_keys.shape_of(sd, "clip_mapper.weight", what, rank=2)
         c_cond = levels.c_cond if levels.c_cond is not None else clip_rows // 4
         if clip_rows % c_cond:
             raise CheckpointError(
@@ -85,7 +85,8 @@ class StageBConfig:
             )
         patch = cls.patch_size
         # patch_size cannot be told apart from c_in (both set embedding's input width): the release uses 2.
-        c_in_p, c_out_p = unet_keys.shape_of(sd, "embedding.1.weight")[1], unet_keys.shape_of(sd, "clf.1.weight")[0]
+        c_in_p = unet_keys.shape_of(sd, "embedding.1.weight", what, rank=4)[1]
+        c_out_p = unet_keys.shape_of(sd, "clf.1.weight", what, rank=4)[0]
         if c_in_p % (patch * patch) or c_out_p % (patch * patch):
             raise CheckpointError(
                 f"{what}: embedding.1.weight takes {c_in_p} channels and clf.1.weight gives {c_out_p}; with the "
@@ -98,8 +99,8 @@ class StageBConfig:
             c_cond=c_cond,
             c_clip=c_clip,
             c_clip_seq=clip_rows // c_cond,
-            c_effnet=unet_keys.shape_of(sd, "effnet_mapper.0.weight")[1],
-            c_pixels=unet_keys.shape_of(sd, "pixels_mapper.0.weight")[1],
+            c_effnet=unet_keys.shape_of(sd, "effnet_mapper.0.weight", what, rank=4)[1],
+            c_pixels=unet_keys.shape_of(sd, "pixels_mapper.0.weight", what, rank=4)[1],
             dropout=tuple(0.1 if "A" in lc else 0.0 for lc in levels.level_config),
         )
         for c, lc in zip(config.c_hidden, config.level_config):

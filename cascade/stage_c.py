@@ -74,17 +74,17 @@ class StageCConfig:
                     "embedding.1.weight", "clf.1.weight"]
         unet_keys.require(sd, required, what)
         levels = unet_keys.infer_levels(sd, what)
-        c_cond, c_clip_text = unet_keys.shape_of(sd, "clip_txt_mapper.weight")
-        pooled_out, c_pooled = unet_keys.shape_of(sd, "clip_txt_pooled_mapper.weight")
-        c_img = unet_keys.shape_of(sd, "clip_img_mapper.weight")[1]
+        c_cond, c_clip_text = unet_keys.shape_of(sd, "clip_txt_mapper.weight", what, rank=2)
+        pooled_out, c_pooled = unet_keys.shape_of(sd, "clip_txt_pooled_mapper.weight", what, rank=2)
+        c_img = unet_keys.shape_of(sd, "clip_img_mapper.weight", what, rank=2)[1]
         if pooled_out % c_cond:
             raise CheckpointError(
                 f"{what}: clip_txt_pooled_mapper.weight has {pooled_out} rows, not a multiple of c_cond={c_cond} "
                 "(from clip_txt_mapper.weight); the file is damaged or not a Stage C."
             )
         # patch_size cannot be told apart from c_in (both set embedding's input width): the release uses 1.
-        c_in = unet_keys.shape_of(sd, "embedding.1.weight")[1]
-        c_out = unet_keys.shape_of(sd, "clf.1.weight")[0]
+        c_in = unet_keys.shape_of(sd, "embedding.1.weight", what, rank=4)[1]
+        c_out = unet_keys.shape_of(sd, "clf.1.weight", what, rank=4)[0]
         config = cls(
             **levels.config_fields(),
             c_in=c_in,

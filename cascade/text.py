@@ -1,8 +1,13 @@
 """CLIP ViT-bigG/14 text encoder (laion) that conditions Stage C and Stage B (SPEC §9).
 
-The network is transformers' CLIP text tower with its projection, built from a config written here
-(no download); the tokenizer is OpenAI's CLIP BPE, shipped in ``cascade/tokenizer/``. Facts and
-decisions (pad token, pooling rule, checkpoint prefixes, learned tokens) are in docs/TEXT_ENCODER.md.
+The network is the CLIP text tower with its projection written here in plain torch, module for module
+and key for key as transformers' ``CLIPTextModelWithProjection`` (tests check parity on the same weights).
+transformers is used for the tokenizer only: its CLIP *modelling* import pulls in the audio stack
+(``modeling_layers`` -> ``processing_utils`` -> ``audio_utils`` imports torchaudio whenever it is installed),
+so a torchaudio that does not match torch (``OSError: Could not load this library: _torchaudio.abi3.so``)
+would break every workflow at the text-encoder loader; the tokenizer classes import no audio code.
+The tokenizer is OpenAI's CLIP BPE, shipped in ``cascade/tokenizer/``. Facts and decisions (pad token,
+pooling rule, checkpoint prefixes, learned tokens) are in docs/TEXT_ENCODER.md.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .clip_layers import ClipEncoder, assign_checked, count_layers, find_prefixes, log_unused, pick_widest
 from .errors import CascadeError, CheckpointError, ShapeError, UnknownLayoutError
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,7 @@ EOS_ID = 49407
 # pads with <|endoftext|>; ComfyUI's Stable Cascade CLIP-G does the same (pad_with_end=True).
 PAD_ID = EOS_ID
 POOLING_RULES = ("first_eos", "argmax")
+EMBEDDING_KEY = "text_model.embeddings.token_embedding.weight"
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class TextEncoderConfig:
         )
 
     def to_transformers(self) -> Any:
+        """The same sizes as a transformers ``CLIPTextConfig`` (parity tests and benchmarks only)."""
         from transformers import CLIPTextConfig
 
         if self.pooling not in POOLING_RULES:
@@ -131,8 +139,8 @@ class TextEncoder(nn.Module):
         dtype (`torch.dtype`, *optional*): parameter dtype (default: torch's default dtype).
         device (`torch.device` or `str`, *optional*): where parameters are created; ``"meta"`` builds an
             empty shell for ``load_state_dict_any`` (which then assigns the file's tensors).
-        operations: accepted for the common constructor signature and ignored: the layers are
-            transformers' own, so hosts cast the module as a whole.
+        operations: accepted for the common constructor signature and ignored: the layers are plain
+            ``torch.nn`` ones, so hosts cast the module as a whole.
 
     State-dict keys are transformers' (``text_model.*``, ``text_projection.weight``).
     """
@@ -140,15 +148,12 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, operations: Any = None) -> None:
         super().__init__()
-        from transformers import CLIPTextModelWithProjection
-
+        if config.pooling not in POOLING_RULES:
+            raise CascadeError(f"TextEncoderConfig.pooling={config.pooling!r}; expected one of {POOLING_RULES}.")
         self.config = config
-        with torch.device(device if device is not None else "cpu"):
-            hf = CLIPTextModelWithProjection(config.to_transformers())
-        if dtype is not None:
-            hf = hf.to(dtype)
-        self.text_model = hf.text_model
-        self.text_projection = hf.text_projection
+        factory = {"device": device if device is not None else "cpu", "dtype": dtype}
+        self.text_model = ClipTextTransformer(config, **factory)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False, **factory)
         self.eval().requires_grad_(False)
         self.tokenizer = _base_tokenizer()
         self._added_tokens: dict[str, int] = {}
@@ -205,11 +210,10 @@ class TextEncoder(nn.Module):
             )
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        out = self.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        last = out.last_hidden_state
+        hidden, last = self.text_model(ids, mask)
         idx = self.pooled_positions(ids)
         pooled = last[torch.arange(last.shape[0], device=last.device), idx]
-        return out.hidden_states[-1], self.text_projection(pooled)
+        return hidden, self.text_projection(pooled)
 
     def pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of the pooled token in each row, by ``config.pooling`` (see TextEncoderConfig)."""
@@ -252,19 +256,28 @@ class TextEncoder(nn.Module):
         return dict(self._added_tokens)
 
     def clone(self) -> TextEncoder:
-        """A new encoder sharing every weight with this one, with its own tokenizer copy.
+        """A new encoder sharing every layer with this one (the same module objects), with its own tokenizer copy.
 
-        ``add_token`` / ``add_embedding_delta`` on the clone always build a new embedding tensor, never
-        write into the shared one, so nothing done to the clone reaches this encoder. (Shared tensors
-        are the ones held at clone time: if a host later moves this encoder, the clone keeps the old ones.)
+        Only the containers above the token embedding (this module, ``text_model``, ``text_model.embeddings``)
+        are new objects; every layer below them is this encoder's own. So whatever a host does to this
+        encoder's layers (moves them to its device, writes LoRA patches into them and takes them off again)
+        the clone computes with, and a host that wraps the clone as a clone of this encoder's patcher
+        (``ModelHandle.with_network``) holds the shared weights once. ``add_token`` / ``add_embedding_delta``
+        on the clone always put a new embedding on the clone's own container, never write into the shared one,
+        so nothing done to the clone reaches this encoder.
         """
-        twin = type(self)(self.config, device="meta")
-        twin.load_state_dict(self.state_dict(), assign=True)
-        materialize_buffers(twin, self.device)
+        twin = _shallow_module_copy(self)
+        twin.text_model = _shallow_module_copy(self.text_model)
+        twin.text_model.embeddings = _shallow_module_copy(self.text_model.embeddings)
         twin.tokenizer = copy.deepcopy(self.tokenizer)
         twin._added_tokens = dict(self._added_tokens)
         twin._is_clone = True
         return twin
+
+    def own_keys(self) -> tuple[str, ...]:
+        """State-dict keys whose tensors a clone may hold on its own (its token embedding); every other
+        weight of a clone is its original's (see ``clone``)."""
+        return (EMBEDDING_KEY,) if self._is_clone else ()
 
     def clone_with_tokens(self, tokens: Sequence[tuple[str, str | None]]) -> tuple[TextEncoder, list[int]]:
         """Clone, then ``add_token`` each ``(text, init_regex)``; returns the clone and the new ids."""
@@ -345,6 +358,8 @@ class TextEncoder(nn.Module):
         return weight[torch.tensor(rows, device=weight.device)].mean(dim=0)
 
     def _set_embedding(self, weight: torch.Tensor) -> None:
+        # Kept where the embedding it replaces lives; encode moves only looked-up rows if the host has moved
+        # the shared layers elsewhere (see ClipTextEmbeddings.forward).
         # A fresh Embedding, never an in-place write: the old one may be shared with the base encoder.
         emb = nn.Embedding(weight.shape[0], weight.shape[1], device="meta")
         emb.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -352,43 +367,77 @@ class TextEncoder(nn.Module):
         self.config = replace(self.config, vocab_size=int(weight.shape[0]))
 
 
+def _shallow_module_copy(module: nn.Module) -> nn.Module:
+    """A new module object whose children, parameters and buffers are ``module``'s own objects.
+
+    The registries are copied, so assigning a child on the copy leaves ``module`` as it is. State a host keeps
+    on a network's ``__dict__`` (the built-in patcher's ``_scw_patch_state``) is not carried over: it belongs
+    to the network it was made for.
+    """
+    twin = module.__class__.__new__(module.__class__)
+    state = {k: v for k, v in module.__dict__.items() if k != "_scw_patch_state"}
+    for key, value in state.items():
+        if isinstance(value, (dict, set)):  # _modules, _parameters, _buffers, hook registries, ...
+            state[key] = copy.copy(value)
+    twin.__dict__.update(state)
+    return twin
+
+
+class ClipTextEmbeddings(nn.Module):
+    def __init__(self, vocab: int, width: int, positions: int, device: Any = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, width, device=device, dtype=dtype)
+        self.position_embedding = nn.Embedding(positions, width, device=device, dtype=dtype)
+        self.register_buffer("position_ids", torch.arange(positions, device=device).expand(1, -1), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[-1]
+        if n > self.position_embedding.num_embeddings:
+            raise ShapeError(f"{n} tokens; the text encoder has {self.position_embedding.num_embeddings} positions "
+                             f"- tokenize with max_length={self.position_embedding.num_embeddings}.")
+        positions = self.position_embedding(self.position_ids[:, :n])
+        table = self.token_embedding.weight
+        if table.device != positions.device:
+            # A learned-token clone's own embedding stays on the offload device while the host moves the shared
+            # layers: look the rows up there and move only them (an exact gather, no device copy of the table).
+            return self.token_embedding(input_ids.to(table.device)).to(positions.device) + positions
+        return self.token_embedding(input_ids) + positions
+
+
+class ClipTextTransformer(nn.Module):
+    """CLIP's causal text transformer: ``forward(ids, mask) -> (last layer output, final-LayerNormed)``."""
+
+    def __init__(self, config: TextEncoderConfig, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.embeddings = ClipTextEmbeddings(config.vocab_size, config.hidden_size, config.max_positions,
+                                             device=device, dtype=dtype)
+        self.encoder = ClipEncoder(config.num_layers, config.hidden_size, config.num_heads,
+                                   config.intermediate_size, config.hidden_act, config.layer_norm_eps,
+                                   device=device, dtype=dtype)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device,
+                                             dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embeddings(input_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # As transformers builds it for sdpa: causal AND the padding mask over keys. An all-ones (or no)
+            # mask is dropped for the kernel's own causal path, again as transformers does.
+            n = input_ids.shape[-1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            mask = causal[None, None] & attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+        hidden = self.encoder(x, mask, causal=True)
+        return hidden, self.final_layer_norm(hidden)
+
+
 # ---- checkpoint keys (shared with clip_vision) -----------------------------------------------------
 
-_IGNORED_SUFFIXES = ("position_ids", "logit_scale", "attn_mask")
 _OPENCLIP_LAYER = {
     "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
     "attn.out_proj": "self_attn.out_proj",
 }
-
-
-def count_layers(sd: Mapping[str, Any], prefix: str) -> int:
-    """Number of numbered blocks under ``prefix`` (``prefix{i}.``)."""
-    found = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
-    if not found or found != set(range(len(found))):
-        raise CheckpointError(f"state dict: blocks under {prefix!r} are {sorted(found)}; expected 0..n-1.")
-    return len(found)
-
-
-def find_prefixes(sd: Mapping[str, Any], anchor: str) -> list[str]:
-    """Every ``p`` with ``p + anchor`` a key, i.e. where a tower in a known layout starts."""
-    return sorted(k[: -len(anchor)] for k in sd if k.endswith(anchor) and (k == anchor or k[-len(anchor) - 1] == "."))
-
-
-def pick_widest(sd: Mapping[str, Any], prefixes: list[str], width_key: str, what: str) -> str:
-    """Among several towers (e.g. CLIP-L and CLIP-G in one file) take the widest: Cascade uses bigG / ViT-L."""
-    if len(prefixes) > 1:
-        chosen = max(prefixes, key=lambda p: int(sd[p + width_key].shape[-1]) if p + width_key in sd else -1)
-        log.info("ComfyUI-StableCascade: %s: %d towers at %s; using the widest, %r.", what, len(prefixes),
-                 prefixes, chosen)
-        return chosen
-    return prefixes[0]
-
-
-def log_unused(sd: Mapping[str, Any], prefix: str, used: set[str], what: str) -> None:
-    unused = [k for k in sd if k.startswith(prefix) and k not in used and not k.endswith(_IGNORED_SUFFIXES)]
-    if unused:
-        log.warning("ComfyUI-StableCascade: %s: %d unexpected keys under %r ignored, e.g. %s", what, len(unused),
-                    prefix, unused[:5])
 
 
 def text_to_transformers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -450,42 +499,3 @@ def _openclip_text(sd: Mapping[str, torch.Tensor], p: str) -> dict[str, torch.Te
                 used.add(f"{src}{a}.{kind}")
     log_unused({k: v for k, v in sd.items() if not k.startswith(p + "visual.")}, p, used, "open_clip text tower")
     return out
-
-
-def materialize_buffers(module: nn.Module, device: torch.device | str) -> None:
-    """Recreate non-persistent buffers left on the meta device (CLIP's ``position_ids``)."""
-    for mod_name, mod in module.named_modules():
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if not buf.is_meta:
-                continue
-            if name != "position_ids":
-                raise CheckpointError(f"buffer {mod_name}.{name} was not loaded (still on the meta device).")
-            mod.register_buffer(name, torch.arange(buf.shape[-1], device=device).expand(1, -1), persistent=False)
-
-
-def assign_checked(module: nn.Module, converted: Mapping[str, torch.Tensor], what: str) -> None:
-    """Assign ``converted`` (the module's own key layout): missing or misshapen parameters raise
-    CheckpointError naming them; extra keys are logged."""
-    expected = module.state_dict()
-    converted = dict(converted)
-    device = next(iter(converted.values())).device if converted else torch.device("cpu")
-    for k, v in expected.items():
-        if k.endswith("position_ids") and k not in converted:
-            # Persistent in some transformers versions, absent from most files: it is just 0..n-1.
-            converted[k] = torch.arange(v.shape[-1], device=device).expand(v.shape).to(v.dtype)
-    missing = [k for k in expected if k not in converted]
-    if missing:
-        raise CheckpointError(
-            f"{what}: {len(missing)} of {len(expected)} parameters missing from the file, e.g. {missing[:5]}; "
-            "the file is incomplete or is a different model - pick a complete checkpoint."
-        )
-    wrong = [(k, tuple(converted[k].shape), tuple(v.shape)) for k, v in expected.items()
-             if tuple(converted[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise CheckpointError(f"{what}: {len(wrong)} tensors have other shapes than the config, e.g. "
-                              f"(key, file, expected) {wrong[:3]}; build the config with from_state_dict(sd).")
-    extra = [k for k in converted if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
-    if extra:
-        log.warning("ComfyUI-StableCascade: %s: %d unexpected keys ignored, e.g. %s", what, len(extra), extra[:5])
-    module.load_state_dict({k: converted[k] for k in expected}, strict=True, assign=True)
-    materialize_buffers(module, device)

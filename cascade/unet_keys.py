@@ -46,11 +46,30 @@ class LevelLayout:
                                                        "kernel_size", "c_r", "t_conds")}
 
 
-def shape_of(sd: Mapping[str, Any], key: str, what: str = "the state dict") -> tuple[int, ...]:
-    """The shape of ``sd[key]``; a missing key is a CheckpointError naming it (a renamed or damaged file)."""
+_RANK_MEANING = {1: "a vector (bias, norm or gain)", 2: "a Linear weight (out, in)",
+                 4: "a Conv2d weight (out, in, kh, kw)"}
+
+
+def shape_of(sd: Mapping[str, Any], key: str, what: str = "the state dict",
+             rank: int | None = None) -> tuple[int, ...]:
+    """The shape of ``sd[key]``, checked: a missing key, a rank other than ``rank`` (when given) or a zero-size
+    dimension is a CheckpointError naming the key, so config inference never unpacks or indexes a damaged
+    shape (a flattened ``clip_txt_mapper.weight`` used to end in a raw "not enough values to unpack")."""
     if key not in sd:
         require(sd, [key], what)
-    return tuple(sd[key].shape)
+    shape = tuple(int(s) for s in sd[key].shape)
+    if rank is not None and len(shape) != rank:
+        raise CheckpointError(
+            f"{what}: tensor {key!r} has shape {shape} (rank {len(shape)}); expected rank {rank} "
+            f"({_RANK_MEANING.get(rank, f'{rank} dimensions')}). The file is damaged or was rewritten with "
+            "reshaped tensors; download it again."
+        )
+    if 0 in shape:
+        raise CheckpointError(
+            f"{what}: tensor {key!r} has shape {shape}, with a zero-size dimension; a network layer cannot "
+            "be empty. The file is damaged; download it again."
+        )
+    return shape
 
 
 def require(sd: Mapping[str, Any], keys: list[str], what: str) -> None:
@@ -136,7 +155,8 @@ def _level_patterns(sd: Mapping[str, Any], letters: dict[tuple[str, int], str], 
             )
         level_config.append(pattern)
         down_n.append(len(down) // len(pattern))
-        c_hidden.append(_level_width(sd, "down" if down else "up", i if down else n_levels - 1 - i, pattern[0]))
+        side, at = ("down", i) if down else ("up", n_levels - 1 - i)
+        c_hidden.append(_level_width(sd, side, at, pattern[0], what))
     up_n = [len(letters["up", u]) // len(level_config[n_levels - 1 - u]) for u in range(n_levels)]
     return level_config, c_hidden, down_n, up_n
 
@@ -166,7 +186,10 @@ def _first_blocks(modules: dict[tuple[str, int, int], set[str]], what: str) -> d
 def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
     """Infer widths, letters, depths, repeats, heads, kernel, c_r, t_conds and c_cond from block keys."""
     modules = _block_modules(sd, what)
-    n_levels = 1 + max(level for side, level, _ in modules if side == "down")
+    down_levels = [level for side, level, _ in modules if side == "down"]
+    if not down_levels:
+        require(sd, ["down_blocks.0.0.depthwise.weight"], what)
+    n_levels = 1 + max(down_levels)
     letters = _level_letters(modules, n_levels, what)
     level_config, c_hidden, down_n, up_n = _level_patterns(sd, letters, n_levels, what)
     first = _first_blocks(modules, what)
@@ -178,25 +201,39 @@ def infer_levels(sd: Mapping[str, Any], what: str) -> LevelLayout:
         blocks=(tuple(down_n), tuple(up_n)),
         block_repeat=_repeats(sd, n_levels),
         nhead=tuple(max(1, c // HEAD_DIM) if "A" in cfg else 0 for c, cfg in zip(c_hidden, level_config)),
-        kernel_size=shape_of(sd, first["C"] + "depthwise.weight", what)[-1],
-        c_r=shape_of(sd, first["T"] + "mapper.weight", what)[1],
+        kernel_size=shape_of(sd, first["C"] + "depthwise.weight", what, rank=4)[-1],
+        c_r=shape_of(sd, first["T"] + "mapper.weight", what, rank=2)[1],
         t_conds=tuple(n for n in _COND_ORDER if n in names) + tuple(sorted(names - set(_COND_ORDER))),
-        c_cond=shape_of(sd, first["A"] + "kv_mapper.1.weight", what)[1] if "A" in first else None,
+        c_cond=shape_of(sd, first["A"] + "kv_mapper.1.weight", what, rank=2)[1] if "A" in first else None,
     )
 
 
-def _level_width(sd: Mapping[str, Any], side: str, level: int, letter: str) -> int:
+def _level_width(sd: Mapping[str, Any], side: str, level: int, letter: str, what: str) -> int:
     base = f"{side}_blocks.{level}.0."
     if letter == "C":
-        return shape_of(sd, base + "depthwise.weight")[0]
+        return shape_of(sd, base + "depthwise.weight", what, rank=4)[0]
     if letter == "T":
-        return shape_of(sd, base + "mapper.weight")[0] // 2
-    return shape_of(sd, base + "attention.attn.out_proj.weight")[0]
+        return shape_of(sd, base + "mapper.weight", what, rank=2)[0] // 2
+    return shape_of(sd, base + "attention.attn.out_proj.weight", what, rank=2)[0]
+
+
+def build_meta(module_cls: Any, config: Any, what: str) -> nn.Module:
+    """``module_cls(config)`` on the meta device; a config the layers refuse (widths a head count does not
+    divide, ...) is a CheckpointError: such a config only comes from a damaged or hand-edited file."""
+    try:
+        return module_cls(config, device="meta")
+    except (AssertionError, ArithmeticError, RuntimeError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{what}: the sizes read from the file give {config}, which cannot be built ({type(e).__name__}: {e}). "
+            "The file is damaged or a variant this loader does not know; download it again."
+        ) from e
 
 
 def check_against(module_cls: Any, config: Any, sd: Mapping[str, Any], what: str) -> None:
     """Build ``module_cls(config)`` on the meta device and insist its key -> shape map equals ``sd``'s."""
-    model: nn.Module = module_cls(config, device="meta")
+    model = build_meta(module_cls, config, what)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
     missing = sorted(set(want) - set(have))

@@ -267,6 +267,12 @@ def model_files(folder_names: str | Sequence[str]) -> list[str]:
     return BACKEND.model_files(_as_list(folder_names))
 
 
+def refused_files(folder_names: str | Sequence[str]) -> list[tuple[str, str]]:
+    """(relative name, why) of the files in the model folders that the pack will not read (pickles, GGUF,
+    unknown extensions), so a "not found" can say what is there instead."""
+    return BACKEND.refused_files(_as_list(folder_names))
+
+
 def model_path(folder_names: str | Sequence[str], name: str) -> str:
     """The full path of ``name`` in the first of the model folders that holds it; a clear error otherwise."""
     return BACKEND.model_path(_as_list(folder_names), name)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..cascade.errors import CheckpointError
-from .builtin import WEIGHT_EXTENSIONS, PatchValue
+from .builtin import WEIGHT_EXTENSIONS, PatchValue, missing_file_message, refused_in
 
 # Key under which the pack registers its ModelPatcher callbacks, so they never collide with other packs.
 PATCH_OWNER = "scw"
@@ -184,8 +184,19 @@ class ComfyBackend:
             if path:
                 return path
         where = " or ".join(f"models/{f}/" for f in folder_names)
-        raise CheckpointError(f"model file {name!r} was not found in {where} - put the file there or pick one of "
-                              f"{self.model_files(folder_names)[:5] or 'the files in that folder (it is empty)'}")
+        raise CheckpointError(missing_file_message(name, where, self.model_files(folder_names),
+                                                   self.refused_files(folder_names)))
+
+    def refused_files(self, folder_names: Sequence[str]) -> list[tuple[str, str]]:
+        """As the built-in backend's, over every folder ComfyUI registers for these names (extra_model_paths
+        included)."""
+        dirs: dict[str, None] = {}
+        for folder in folder_names:
+            try:
+                dirs.update(dict.fromkeys(self.c.folder_paths.get_folder_paths(folder)))
+            except KeyError:
+                continue
+        return refused_in(list(dirs))
 
 
 def load() -> ComfyBackend | None:

@@ -44,14 +44,41 @@ class ModelHandle:
         self.kind = kind
         self.backend = backend
         self.attachments: dict[str, Attachment] = {}
+        self._network: nn.Module | None = None  # see with_network
 
     @property
     def module(self) -> nn.Module:
-        return self.patcher.model
+        """The network callers compute with: the patcher's, or the view given to ``with_network``."""
+        return self._network if self._network is not None else self.patcher.model
 
     def clone(self) -> ModelHandle:
         twin = ModelHandle(self.patcher.clone(), self.kind, self.backend)
         twin.attachments = dict(self.attachments)
+        twin._network = self._network
+        return twin
+
+    def with_network(self, network: nn.Module) -> ModelHandle:
+        """A clone whose ``module`` is ``network``, a view that computes with this handle's network's own layers
+        (e.g. ``TextEncoder.clone()`` with learned tokens): the patcher stays a clone of this one, so the host's
+        memory manager sees one network, counts its weights once, loads it (with the clone's patches) whenever
+        the view is used, and never holds the view's copy of the shared weights beside the original's.
+
+        Every state-dict key of the patcher's network must be in ``network`` with the same shape, except keys
+        ``network`` replaces with its own tensors (listed in ``own_keys``): patches go to the patcher's network.
+        """
+        base = dict(self.patcher.model.state_dict(keep_vars=True))
+        view = dict(network.state_dict(keep_vars=True))
+        missing = [k for k in base if k not in view]
+        if missing:
+            raise CascadeError(f"{self.kind}: the view lacks {len(missing)} weights of the network it should share, "
+                               f"e.g. {missing[:3]}; build it with the network's clone() method")
+        own = [k for k, t in base.items() if view[k] is not t]
+        unexpected = [k for k in own if k not in getattr(network, "own_keys", lambda: ())()]
+        if unexpected:
+            raise CascadeError(f"{self.kind}: the view holds other tensors than the network for {unexpected[:3]}; "
+                               "it must share every weight it does not replace on purpose (own_keys)")
+        twin = self.clone()
+        twin._network = network
         return twin
 
     def model_size(self) -> int:

@@ -12,8 +12,11 @@ Where each low-rank pair goes:
   ``in_proj_weight``.
 
 Every pair becomes part of a :class:`LowRankDelta` keyed by the network's state-dict key; the caller adds
-them to a *clone* of the model handle, so the loaded base network never changes. Text-encoder changes
-(learned tokens, text LoRA weights) go to ``TextEncoder.clone()``, a twin sharing the unchanged tensors.
+them to a *clone* of the model handle, so the loaded base network never changes. The text encoder is
+changed the same way: its handle is cloned, text LoRA weights become patches on the clone, and learned
+tokens (a longer embedding and its tokenizer) live on ``TextEncoder.clone()``, a view sharing every other
+layer, that the clone carries (``ModelHandle.with_network``). So the host's memory manager (ComfyUI's
+included) sees one text encoder and counts its weights once, whatever LoRAs are stacked on it.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..cascade.errors import CascadeError, CheckpointError, ShapeError
 from ..cascade.lora_format import CLIP_VOCAB_SIZE, OFFICIAL, LoraFile, LoraPair
+from ..cascade.text import EMBEDDING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +335,11 @@ def _text_patches(lora: LoraFile, encoder: Any) -> dict[str, LowRankDelta]:
 
 
 def build_text_twin(encoder: Any, plan: TextPlan, strength: float) -> Any:
-    """A ``TextEncoder.clone()`` with the plan applied; ``encoder`` itself is never written."""
+    """A ``TextEncoder.clone()`` with the plan's tokens and embedding deltas; ``encoder`` itself is never written.
+
+    Text LoRA weights are not in it: ``apply_lora`` adds them as patches to the handle's clone. A LoRA pair on
+    the token embedding itself (a table that grows with learned tokens) is added to the clone's own embedding.
+    """
     twin = encoder.clone()
     remap: dict[int, int] = {}
     for j, (name, regex) in enumerate(plan.tokens):
@@ -339,29 +347,27 @@ def build_text_twin(encoder: Any, plan: TextPlan, strength: float) -> Any:
     if plan.deltas is not None:
         ids = [remap.get(i, i) for i in plan.delta_ids]
         twin.add_embedding_delta(ids, plan.deltas.to(torch.float32), strength=strength)
-    with torch.no_grad():
-        for key, delta in plan.patches.items():
-            _replace_parameter(twin, key, delta, strength)
+    embedding = plan.patches.get(EMBEDDING_KEY)
+    if embedding is not None:
+        old = twin.text_model.embeddings.token_embedding.weight
+        rows = embedding.shape[0]  # the table the LoRA was checked against; learned-token rows come after it
+        if embedding.shape[1:] != tuple(old.shape[1:]) or rows > old.shape[0]:
+            raise ShapeError(f"text LoRA update for {EMBEDDING_KEY} is {embedding.shape}, the embedding is "
+                             f"{tuple(old.shape)}; the LoRA was made for another text encoder.")
+        new = old.detach().to(torch.float32, copy=True)
+        new[:rows] += strength * embedding.delta(old.device)
+        twin._set_embedding(new.to(old.dtype))  # a new table on the clone; the shared one is never written
     return twin
-
-
-def _replace_parameter(module: nn.Module, key: str, delta: LowRankDelta, strength: float) -> None:
-    # A new tensor on the twin only: the old one is shared with the base encoder and must stay as it is.
-    owner_name, _, attr = key.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    old = getattr(owner, attr)
-    new = old.detach().to(torch.float32) + strength * delta.delta(old.device)
-    setattr(owner, attr, nn.Parameter(new.to(old.dtype), requires_grad=False))
 
 
 # ---- applying to handles ----------------------------------------------------------------------------------
 
 
 def apply_lora(stage_c: Any, text_encoder: Any, lora: LoraFile, strength_model: float = 1.0,
-               strength_text: float = 1.0, tokens: list[tuple[str, str | None]] | None = None,
-               wrap: Callable[[nn.Module, str], Any] | None = None) -> tuple[Any, Any]:
+               strength_text: float = 1.0, tokens: list[tuple[str, str | None]] | None = None) -> tuple[Any, Any]:
     """Return ``(stage_c', text_encoder')``: a patched clone of the Stage C handle and, when the LoRA changes
-    the text encoder, a wrapped twin of it; inputs that the LoRA leaves alone come back as they are.
+    the text encoder, a clone of its handle (text weights as patches, learned tokens on a view sharing the
+    other layers); inputs that the LoRA leaves alone come back as they are.
 
     ``stage_c`` / ``text_encoder`` are host handles (``.module``, ``.clone()``, ``.add_patches()``);
     ``text_encoder`` may be None (model only: the text part is skipped with a warning). Everything is
@@ -378,9 +384,15 @@ def apply_lora(stage_c: Any, text_encoder: Any, lora: LoraFile, strength_model: 
         plan = plan_text(lora, text_encoder.module, tokens)
     new_te = text_encoder
     if plan.changes_encoder:
-        if wrap is None:
-            raise CascadeError("apply_lora needs wrap= (host.wrap) to return a changed text encoder")
-        new_te = wrap(build_text_twin(text_encoder.module, plan, strength_text), "text_encoder")
+        weights = {k: v for k, v in plan.patches.items() if k != EMBEDDING_KEY}
+        if plan.tokens or plan.deltas is not None or EMBEDDING_KEY in plan.patches:
+            # A view sharing every layer but the token embedding, carried by a clone of the handle: the memory
+            # manager sees the one encoder (see the module docstring).
+            new_te = text_encoder.with_network(build_text_twin(text_encoder.module, plan, strength_text))
+        else:
+            new_te = text_encoder.clone()
+        if weights and strength_text != 0:
+            new_te.add_patches(weights, strength_text, key=f"scw_lora:{lora.name}")
     new_c = stage_c
     if patches and strength_model != 0:
         new_c = stage_c.clone()

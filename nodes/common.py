@@ -8,7 +8,7 @@ import torch
 
 from .. import host
 from ..cascade.errors import CascadeError
-from ..pipeline.settings import SamplingSettings
+from ..pipeline.settings import SETTING_RANGES, SamplingSettings
 from ..samplers.sampling import SAMPLERS
 
 ROOT_CATEGORY = "stable_cascade_wurst"
@@ -81,21 +81,23 @@ def seed_input(tooltip: str) -> tuple:
 
 
 def schedule_inputs(defaults: SamplingSettings, stage: str) -> dict:
-    """seed, steps, cfg, shift, sampler, rescale, denoise widgets with a stage's defaults."""
+    """seed, steps, cfg, shift, sampler, rescale, denoise widgets with a stage's defaults; the ranges are
+    ``pipeline.settings.SETTING_RANGES``, the ones ``SamplingSettings.check()`` enforces."""
+    r = {name: {"min": low, "max": high} for name, (low, high) in SETTING_RANGES.items()}
     return {
         "seed": seed_input(f"Noise seed of {stage}; the same seed gives the same image on any device."),
-        "steps": ("INT", {"default": defaults.steps, "min": 1, "max": 200, "step": 1,
+        "steps": ("INT", {"default": defaults.steps, **r["steps"], "step": 1,
                           "tooltip": f"Sampling steps of {stage}."}),
-        "cfg": ("FLOAT", {"default": defaults.cfg, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+        "cfg": ("FLOAT", {"default": defaults.cfg, **r["cfg"], "step": 0.1, "round": 0.01,
                           "tooltip": "Classifier-free guidance scale; 1 skips the negative branch (faster)."}),
-        "shift": ("FLOAT", {"default": defaults.shift, "min": 0.1, "max": 10.0, "step": 0.05,
+        "shift": ("FLOAT", {"default": defaults.shift, **r["shift"], "step": 0.05,
                             "tooltip": "Noise schedule shift (logSNR - 2 ln shift); the official value is 2 for "
                                        "Stage C and 1 for Stage B."}),
         "sampler": (list(SAMPLERS), {"default": defaults.sampler, "tooltip": "Sampler; ddpm is the official one."}),
-        "rescale": ("FLOAT", {"default": defaults.rescale, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "CFG rescale (official 0.7 for Stage C, 0 for Stage B): pulls the guided "
-                                         "prediction's std back toward the conditional one."}),
-        "denoise": ("FLOAT", {"default": defaults.denoise, "min": 0.01, "max": 1.0, "step": 0.01,
+        "rescale": ("FLOAT", {"default": defaults.rescale, **r["rescale"], "step": 0.01,
+                              "tooltip": "CFG rescale (official 0.7 for both stages, GDF's cfg_rho): pulls the "
+                                         "guided prediction's std back toward the conditional one."}),
+        "denoise": ("FLOAT", {"default": defaults.denoise, **r["denoise"], "step": 0.01,
                               "tooltip": "1 samples from pure noise; lower starts from the input latent noised to "
                                          "this level (image-to-image); all steps run from there."}),
     }

@@ -178,7 +178,7 @@ class StageCImageToImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         inputs = schedule_inputs(IMAGE_TO_IMAGE, "Stage C")
-        inputs["denoise"] = ("FLOAT", {"default": IMAGE_TO_IMAGE.denoise, "min": 0.01, "max": 1.0, "step": 0.01,
+        inputs["denoise"] = ("FLOAT", {**inputs["denoise"][1], "default": IMAGE_TO_IMAGE.denoise,
                                        "tooltip": "Where sampling starts (the official t_start 0.8): lower keeps "
                                                   "more of the image."})
         return {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..pipeline.latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, PIXEL_MULTIPLE, empty_latents
+from ..pipeline.latents import DEFAULT_COMPRESSION, EMPTY_LATENT_RANGES, PIXEL_MULTIPLE, empty_latents
 from .common import category, mappings
 
 CATEGORY = category("latent")
@@ -20,14 +20,16 @@ class EmptyLatent:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        # The ranges are pipeline.latents.EMPTY_LATENT_RANGES, which empty_latents() enforces.
+        r = {name: {"min": low, "max": high} for name, (low, high) in EMPTY_LATENT_RANGES.items()}
         return {"required": {
-            "width": ("INT", {"default": 1024, "min": 256, "max": MAX_RESOLUTION, "step": PIXEL_MULTIPLE,
+            "width": ("INT", {"default": 1024, **r["width"], "step": PIXEL_MULTIPLE,
                               "tooltip": "Output image width in pixels (multiple of 8)."}),
-            "height": ("INT", {"default": 1024, "min": 256, "max": MAX_RESOLUTION, "step": PIXEL_MULTIPLE,
+            "height": ("INT", {"default": 1024, **r["height"], "step": PIXEL_MULTIPLE,
                                "tooltip": "Output image height in pixels (multiple of 8)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1,
+            "batch_size": ("INT", {"default": 1, **r["batch_size"], "step": 1,
                                    "tooltip": "Number of images generated together."}),
-            "compression": ("FLOAT", {"default": DEFAULT_COMPRESSION, "min": 16.0, "max": 64.0, "step": 0.01,
+            "compression": ("FLOAT", {"default": DEFAULT_COMPRESSION, **r["compression"], "step": 0.01,
                                       "tooltip": "Pixels per Stage C latent cell. 42.67 is the official value "
                                                  "(1024 px -> 24); 28-32 gives Stage C more room for detail, "
                                                  "Stage B was trained on 32-64."}),

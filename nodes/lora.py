@@ -88,7 +88,7 @@ class LoraLoader:
         typed = lora_patches.parse_tokens(tokens)
         width = host.module_of(encoder).text_model.embeddings.token_embedding.weight.shape[1]
         lora = read_lora(file_name, model, len(typed), width)
-        return lora_patches.apply_lora(model, encoder, lora, strength_model, strength_text, typed, wrap=host.wrap)
+        return lora_patches.apply_lora(model, encoder, lora, strength_model, strength_text, typed)
 
 
 class LoraLoaderModelOnly:

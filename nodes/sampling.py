@@ -1,7 +1,7 @@
 """Sampler nodes: Stage C, Stage B, and a one-node cascade running both.
 
 Defaults are the official notebooks' (``pipeline.settings``: Stage C 20 steps, cfg 4, shift 2, rescale 0.7;
-Stage B 10 steps, cfg 1.1, shift 1, rescale 0). The work is done by ``pipeline.stages``; these nodes only
+Stage B 10 steps, cfg 1.1, shift 1, rescale 0.7). The work is done by ``pipeline.stages``; these nodes only
 translate the sockets.
 """
 
@@ -81,7 +81,7 @@ class StageBSampler:
 class CascadeSampler:
     NODE_ID, TITLE = "SCW_CascadeSampler", "Cascade Sampler (C then B)"
     DESCRIPTION = ("Runs Stage C then Stage B in one node with the official shift and rescale (C: shift 2, rescale "
-                   "0.7; B: shift 1, rescale 0). Use the two sampler nodes for full control.")
+                   "0.7; B: shift 1, rescale 0.7). Use the two sampler nodes for full control.")
     RETURN_TYPES = ("LATENT", "LATENT")
     RETURN_NAMES = ("stage_c", "stage_b")
     FUNCTION = "sample"

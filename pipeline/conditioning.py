@@ -15,6 +15,7 @@ import torch
 
 from .. import host
 from ..cascade.errors import CascadeError, ShapeError
+from .latents import finite_output
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,13 @@ def encode_prompt(text_encoder: Any, text: str) -> tuple[torch.Tensor, torch.Ten
     """(clip_text 1 x 77 x C, pooled 1 x C) of one prompt, computed on the host's device, returned on its
     intermediate device (the CPU outside ComfyUI) as ComfyUI keeps conditioning."""
     with host.using([text_encoder]):
-        clip_text, pooled = host.module_of(text_encoder).encode([text])
+        module = host.module_of(text_encoder)
+        clip_text, pooled = module.encode([text])
+    if not (torch.isfinite(clip_text).all() and torch.isfinite(pooled).all()):
+        weight = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+        dtype = weight.dtype if weight is not None else None
+        finite_output(clip_text, f"the text encoder's token embeddings of {text[:40]!r}", dtype)
+        finite_output(pooled, f"the text encoder's pooled embedding of {text[:40]!r}", dtype)
     out = host.intermediate_device()
     return clip_text.to(out), pooled.to(out)
 

@@ -1,7 +1,9 @@
 """Images in and out of the cascade: EffNet and CLIP-vision encoding, Stage A encode/decode, Previewer decode.
 
 Every network runs inside ``host.using`` (loaded with a memory estimate where one matters, patches taken
-back off on any error) and results go to the host's intermediate device as float32.
+back off on any error) and results go to the host's intermediate device as float32. A network output with
+NaN/inf values stops with an error naming the network and its weights' dtype (a NaN decode would otherwise be
+a black image).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from .. import host
 from ..cascade import image_ops, tiling
 from ..cascade.effnet import normalize_imagenet
-from .latents import latent_samples
+from .latents import finite_output, latent_samples
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -29,7 +31,7 @@ def effnet_encode(effnet: Any, x: torch.Tensor) -> torch.Tensor:
         pixels = normalize_imagenet(x.to(weight.device, torch.float32)).to(weight.dtype)
         with torch.no_grad():
             z = module(pixels)
-    return z.float().to(host.intermediate_device())
+    return finite_output(z, "the EffNet encoder's output", weight.dtype).float().to(host.intermediate_device())
 
 
 def encode_clip_images(clip_vision: Any, images: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ def stage_a_encode(stage_a: Any, x: torch.Tensor) -> torch.Tensor:
         weight = _weight(module)
         with torch.no_grad():
             z = module.encode_raw(x.to(weight.device, weight.dtype))
-    return z.float().to(host.intermediate_device())
+    return finite_output(z, "the Stage A encoder's output", weight.dtype).float().to(host.intermediate_device())
 
 
 def decode_stage_a(stage_a: Any, latent: Any) -> torch.Tensor:
@@ -57,7 +59,9 @@ def decode_stage_a(stage_a: Any, latent: Any) -> torch.Tensor:
     module = host.module_of(stage_a)
     with host.using([stage_a], tiling.estimate_decode_memory(module.config, tuple(z.shape), module.dtype)):
         weight = _weight(module)
-        return tiling.decode_auto(module, z.to(weight.device, weight.dtype), host.free_memory(weight.device), raw=True)
+        image = tiling.decode_auto(module, z.to(weight.device, weight.dtype), host.free_memory(weight.device),
+                                   raw=True)
+    return finite_output(image, "Stage A decode: the decoded image (of a finite latent)", weight.dtype)
 
 
 def decode_previewer(previewer: Any, latent: Any) -> torch.Tensor:
@@ -67,7 +71,8 @@ def decode_previewer(previewer: Any, latent: Any) -> torch.Tensor:
         module = host.module_of(previewer)
         weight = _weight(module)
         with torch.no_grad():
-            return module(z.to(weight.device, weight.dtype))
+            image = module(z.to(weight.device, weight.dtype))
+    return finite_output(image, "Previewer decode: the preview image (of a finite latent)", weight.dtype)
 
 
 def to_image(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..cascade.errors import CascadeError, ShapeError, StageMismatchError
+from .settings import check_number
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,11 @@ MAX_RESOLUTION = 16384
 DEFAULT_COMPRESSION = 42.67
 # Pixels per Stage C cell that Stage B accepts (trained on 32-64; the official 42.67; EmptyLatent allows 16-64).
 COMPRESSION_RANGE = (12.0, 80.0)
+# What SCW_EmptyLatent declares and empty_latents() enforces (one table for the node and the Python API).
+EMPTY_LATENT_RANGES: dict[str, tuple[float, float]] = {
+    "width": (256, MAX_RESOLUTION), "height": (256, MAX_RESOLUTION), "batch_size": (1, 64),
+    "compression": (16.0, 64.0),
+}
 
 
 def latent_samples(latent: Any, stage: str, what: str) -> torch.Tensor:
@@ -47,8 +53,10 @@ def latent_samples(latent: Any, stage: str, what: str) -> torch.Tensor:
             f"connect the stage_{stage} output of SCW_EmptyLatent (or of the Stage {stage.upper()} sampler)")
     if not torch.isfinite(latent).all():
         bad = int((~torch.isfinite(latent)).sum())
-        raise CascadeError(f"{what}: the latent holds {bad} NaN/inf values (shape {tuple(latent.shape)}) - the "
-                           "node that made it failed numerically (fp16 overflow?); use bf16 or fp32 weights")
+        raise CascadeError(f"{what}: the latent holds {bad} NaN/inf values of {latent.numel()} (shape "
+                           f"{tuple(latent.shape)}), so no image can come of it - the node that made it (or the "
+                           "tensor given here) is numerically broken; the error of that node, or a check of its "
+                           "weights file, tells which")
     return latent
 
 
@@ -66,12 +74,39 @@ def stage_latent(samples: torch.Tensor, stage: str, source: Any = None) -> dict:
 
 
 def snap_size(value: int, name: str) -> int:
-    """value rounded to the nearest multiple of 8 (at least 8), logging when it changes."""
-    snapped = max(PIXEL_MULTIPLE, int(math.floor(value / PIXEL_MULTIPLE + 0.5)) * PIXEL_MULTIPLE)
+    """value rounded to the nearest multiple of 8, logging when it changes; a value below 8 or above
+    MAX_RESOLUTION (or not a finite number) is refused, never turned into 8."""
+    check_number(value, name, PIXEL_MULTIPLE, MAX_RESOLUTION, integer=True,
+                 fix=f"give a size in pixels, a multiple of {PIXEL_MULTIPLE}")
+    snapped = int(math.floor(value / PIXEL_MULTIPLE + 0.5)) * PIXEL_MULTIPLE
     if snapped != value:
         log.warning("ComfyUI-StableCascade: %s %d is not a multiple of %d; using %d (Stage B needs an even latent).",
                     name, value, PIXEL_MULTIPLE, snapped)
     return snapped
+
+
+def finite_output(x: torch.Tensor, what: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` if every value is finite; else a CascadeError naming ``what`` (e.g. "the Stage C sampler's
+    output"), how many values are NaN/inf, the weights' dtype and the fix for that dtype."""
+    if torch.isfinite(x).all():
+        return x
+    bad = int((~torch.isfinite(x)).sum())
+    raise CascadeError(f"{what} holds {bad} NaN/inf values of {x.numel()} (weights {dtype_name(dtype)}) - "
+                       f"{nonfinite_fix(dtype)}")
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}.get(
+        dtype, str(dtype).replace("torch.", "") if dtype is not None else "of unknown dtype")
+
+
+def nonfinite_fix(dtype: torch.dtype | None) -> str:
+    """What to do about NaN/inf coming out of a network whose weights are ``dtype``."""
+    if dtype == torch.float16:
+        return ("fp16 overflows in these networks: load the model with weight_dtype bf16 or fp32 (or a bf16/fp32 "
+                "file)")
+    return ("the weights file may hold NaN/inf values (a broken download or conversion): download it again or "
+            "check it (every tensor finite), and check what was applied to it (a LoRA at a very high strength)")
 
 
 def latent_sizes(width: int, height: int, compression: float) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -84,11 +119,17 @@ def latent_sizes(width: int, height: int, compression: float) -> tuple[tuple[int
 
 def empty_latents(width: int, height: int, batch_size: int = 1,
                   compression: float = DEFAULT_COMPRESSION) -> tuple[dict, dict]:
-    """Empty Stage C and Stage B LATENTs for an image of width x height (sides snapped to multiples of 8)."""
+    """Empty Stage C and Stage B LATENTs for an image of width x height (sides snapped to multiples of 8);
+    values outside ``EMPTY_LATENT_RANGES`` (SCW_EmptyLatent's ranges) are refused."""
+    for name, value in (("width", width), ("height", height), ("batch_size", batch_size),
+                        ("compression", compression)):
+        low, high = EMPTY_LATENT_RANGES[name]
+        check_number(value, name, low, high, integer=name != "compression", where="empty latent",
+                     fix="SCW_EmptyLatent allows the same range")
     width, height = snap_size(width, "width"), snap_size(height, "height")
     (h_c, w_c), (h_b, w_b) = latent_sizes(width, height, compression)
-    return (stage_latent(torch.zeros(batch_size, 16, h_c, w_c), "c"),
-            stage_latent(torch.zeros(batch_size, 4, h_b, w_b), "b"))
+    return (stage_latent(torch.zeros(int(batch_size), 16, h_c, w_c), "c"),
+            stage_latent(torch.zeros(int(batch_size), 4, h_b, w_b), "b"))
 
 
 def check_pair(stage_c: torch.Tensor, stage_b: torch.Tensor) -> None:

@@ -6,6 +6,10 @@ draws the initial noise from the seed as ComfyUI does, runs the chosen sampler o
 classifier-free guidance, reports progress (with Previewer images for Stage C), checks for interruption
 every step, and returns the last predicted x0 (the official output). Stage B latents are in core's ``SC_B``
 storage (official x 0.43): they are divided by 0.43 going in and multiplied coming out.
+
+Settings are checked against ``settings.SETTING_RANGES`` (the nodes' ranges; NaN refused), conditioning must be
+finite, and the first step whose prediction holds NaN/inf stops the run with an error naming the stage, the
+step, the weights' dtype and the fix for that dtype (fp16: bf16/fp32; otherwise the weights file itself).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..samplers.noise import make_noise_sampler, prepare_noise
 from ..samplers.sampling import SAMPLERS, add_noise
 from . import conditioning as cond_io
 from .latents import batch_index as batch_index_of
-from .latents import check_pair, latent_samples
+from .latents import check_pair, dtype_name, finite_output, latent_samples, nonfinite_fix
 from .memory import estimate_stage_b_memory, estimate_stage_c_memory
 from .settings import STAGE_B, STAGE_C, SamplingSettings
 
@@ -68,7 +72,8 @@ def _device(handle: Any, module: torch.nn.Module) -> torch.device:
 
 def _run(dev: torch.device, network_fn: Callable[..., torch.Tensor], cond: dict, uncond: dict | None,
          x0_in: torch.Tensor, settings: SamplingSettings, seed: int, batch_index: list[int] | None,
-         preview: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+         preview: Callable[[torch.Tensor], torch.Tensor] | None, stage: str,
+         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     s = settings
     logsnrs = schedule.logsnr_schedule(int(s.steps), shift=float(s.shift), t_start=float(s.denoise)).to(dev)
     noise = prepare_noise(x0_in.float(), seed, batch_index).to(dev)
@@ -78,11 +83,35 @@ def _run(dev: torch.device, network_fn: Callable[..., torch.Tensor], cond: dict,
 
     def callback(info: dict) -> None:
         host.check_interrupt()
+        # Stop at the first step whose prediction is not finite: every later step would only carry the NaN on,
+        # and the step number tells a NaN from the first call (weights) from a late overflow (fp16).
+        if not torch.isfinite(info["denoised"]).all():
+            _nonfinite_step(stage, info["i"], int(s.steps), dtype)
         pbar.update(info["i"] + 1, preview(info["denoised"]) if preview is not None else None)
 
     host.check_interrupt()
-    return SAMPLERS[s.sampler](model, x, logsnrs, callback=callback, disable=True,
-                               noise_sampler=make_noise_sampler(x, seed))
+    x, x0 = SAMPLERS[s.sampler](model, x, logsnrs, callback=callback, disable=True,
+                                noise_sampler=make_noise_sampler(x, seed))
+    what = f"the Stage {stage} sampler's output"
+    return finite_output(x, what, dtype), finite_output(x0, what, dtype)
+
+
+def _nonfinite_step(stage: str, i: int, steps: int, dtype: torch.dtype) -> None:
+    raise CascadeError(
+        f"the Stage {stage} sampler: the network's prediction at step {i + 1} of {steps} holds NaN/inf values "
+        f"(Stage {stage} weights {dtype_name(dtype)}; its inputs were finite) - {nonfinite_fix(dtype)}")
+
+
+def _check_finite_inputs(branches: dict[str, dict | None], stage: str) -> None:
+    """Conditioning with NaN/inf would come out as a NaN latent blamed on the weights; name it instead."""
+    for branch, tensors in branches.items():
+        for key, value in (tensors or {}).items():
+            if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise CascadeError(
+                    f"the Stage {stage} sampler: the {branch} {key} ({tuple(value.shape)}) holds {bad} NaN/inf "
+                    "values - the node that made it (a text or image encoder, or a conditioning node) failed "
+                    "numerically; its weights file may hold NaN values: download it again or check it")
 
 
 def _net_fn(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
@@ -148,21 +177,24 @@ def sample_stage_c(handle: Any, positive: list, negative: list | None, latent: A
     """
     module = _network(handle, "c")
     samples = latent_samples(latent, "c", "Stage C latent")
-    settings.check()
+    settings.check("the Stage C sampler")
     batch_index = batch_index if batch_index is not None else batch_index_of(latent)
     _require_negative(negative, settings, "C")
     config = module.config
     guided = negative is not None and settings.guided
     cond, uncond = _stage_c_branches(config, positive, negative, samples.shape[0], guided)
+    _check_finite_inputs({"positive": cond, "negative": uncond}, "C")
     dtype = next(module.parameters()).dtype
     memory = estimate_stage_c_memory(config, tuple(samples.shape), dtype, guided,
                                      text_tokens=cond["clip_text"].shape[1], image_tokens=cond["clip_img"].shape[1])
     prev_module = host.module_of(previewer) if previewer is not None else None
 
     def preview(x0: torch.Tensor) -> torch.Tensor:
-        dtype = next(prev_module.parameters()).dtype
+        prev_dtype = next(prev_module.parameters()).dtype
         with torch.no_grad():
-            return prev_module(x0[:1].to(_device(previewer, prev_module), dtype)).float()
+            image = prev_module(x0[:1].to(_device(previewer, prev_module), prev_dtype)).float()
+        # A finite latent whose preview is NaN: the Previewer is broken, and a black preview would hide it.
+        return finite_output(image, "the Previewer's live preview (of a finite Stage C latent)", prev_dtype)
 
     handles = [handle, previewer] if isinstance(previewer, host.ModelHandle) else [handle]
     if isinstance(handle, host.ModelHandle):
@@ -176,7 +208,7 @@ def sample_stage_c(handle: Any, positive: list, negative: list | None, latent: A
             network_fn = handle.wrap_network(network_fn, {
                 "r_at": lambda p: r_at(p, settings.shift), "latent_shape": tuple(samples.shape)})
         x, x0 = _run(dev, network_fn, _cast_cond(cond, dev, dtype), _cast_cond(uncond, dev, dtype), samples,
-                     settings, seed, batch_index, preview if prev_module is not None else None)
+                     settings, seed, batch_index, preview if prev_module is not None else None, "C", dtype)
     return (x if return_state else x0).to(host.intermediate_device())
 
 
@@ -193,7 +225,7 @@ def sample_stage_b(handle: Any, positive: list, negative: list | None, stage_c_l
     """
     module = _network(handle, "b")
     samples = latent_samples(latent, "b", "Stage B latent")
-    settings.check()
+    settings.check("the Stage B sampler")
     batch_index = batch_index if batch_index is not None else batch_index_of(latent)
     config = module.config
     bsz = samples.shape[0]
@@ -217,10 +249,11 @@ def sample_stage_b(handle: Any, positive: list, negative: list | None, stage_c_l
         neg_pooled = cond_io.pooled_of(neg_extras, neg_text, "Stage B negative")
         cond_io.check_width(neg_pooled, config.c_clip, "Stage B negative pooled_output")
         uncond = {"effnet": torch.zeros_like(effnet), "clip": cond_io.to_batch(neg_pooled, bsz, "Stage B negative")}
+    _check_finite_inputs({"positive": cond, "negative": uncond}, "B")
     dtype = next(module.parameters()).dtype
     memory = estimate_stage_b_memory(config, tuple(samples.shape), dtype, guided)
     with host.using([handle] if isinstance(handle, host.ModelHandle) else [], memory):
         dev = _device(handle, module)
         x, x0 = _run(dev, _net_fn(module), _cast_cond(cond, dev, dtype), _cast_cond(uncond, dev, dtype),
-                     samples / SCALE_FACTOR, settings, seed, batch_index, None)
+                     samples / SCALE_FACTOR, settings, seed, batch_index, None, "B", dtype)
     return ((x if return_state else x0) * SCALE_FACTOR).to(host.intermediate_device())

@@ -3,20 +3,34 @@
     python headless.py WORKFLOW.json [--models DIR] [--out PNG] [--seed N] [-v]
 
 (``headless.py`` at the repo root only loads the pack as a package and calls ``main``.)
+
+Exit codes; every failure is one error line (or a list of problems) on stderr, never a traceback - ``-v``
+adds the traceback at debug level:
+
+- 0: the workflow ran (a warning says so when it saved no image, or ran tiny random demo networks).
+- 2: the workflow cannot run as given, and the message says what to change: the file is missing, empty,
+  truncated or malformed (every structural problem listed with the file name, node id and field), a widget
+  value is out of range or not finite, a model file is missing or refused (pickles are never unpickled), or a
+  node refused its input (the pack's own checks: wrong latent, NaN values, wrong weights file...), named by
+  node id and title.
+- 1: something the pack did not expect failed (an exception that is not one of its checks: a bug, out of
+  memory, a broken install), named by node id and title; run again with ``-v`` for the traceback.
+- 130: sampling was interrupted (Ctrl-C, or the ``SCW_INTERRUPT`` flag file).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
 from ..cascade.errors import CascadeError
-from .executor import WorkflowError, run_workflow
+from .executor import NodeError, WorkflowError, run_workflow
 
 log = logging.getLogger("comfyui_stablecascade.standalone")
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,23 +43,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-dir", help="images for LoadImage (default: the 'inputs' folder beside the "
                                             "workflow, else ./input)")
     parser.add_argument("--seed", type=int, help="override every seed widget of the workflow")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (with tracebacks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.models and not os.path.isdir(args.models):
         log.error("ComfyUI-StableCascade: --models %s is not a folder; give ComfyUI's models folder (the one holding "
                   "diffusion_models/, vae/, text_encoders/...)", args.models)
-        return 2
+        return EXIT_BAD_INPUT
     if not args.models and not os.environ.get("SCW_MODELS_DIR"):
         log.warning("ComfyUI-StableCascade: no models folder given (--models DIR or env SCW_MODELS_DIR), so every "
                     "loader runs its tiny random demo network.")
     try:
         paths = run_workflow(args.workflow, out=args.out, output_dir=args.output_dir, seed=args.seed,
                              models=args.models, input_dir=args.input_dir)
-    except (WorkflowError, CascadeError, FileNotFoundError, json.JSONDecodeError) as exc:
+    except (WorkflowError, CascadeError) as exc:
         log.error("ComfyUI-StableCascade: %s", exc)
-        return 2
+        log.debug("ComfyUI-StableCascade: traceback", exc_info=True)
+        return EXIT_BAD_INPUT
+    except NodeError as exc:
+        log.error("ComfyUI-StableCascade: %s", exc)
+        # The executor logged the node's traceback at debug level already.
+        if exc.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_BAD_INPUT if exc.bad_input else EXIT_UNEXPECTED
+    except KeyboardInterrupt:
+        log.error("ComfyUI-StableCascade: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the runner itself failed: still one line, the traceback only with -v
+        log.error("ComfyUI-StableCascade: the runner failed with an unexpected %s: %s - run again with -v for the "
+                  "traceback (and report it)", type(exc).__name__, exc)
+        log.debug("ComfyUI-StableCascade: traceback", exc_info=True)
+        return EXIT_UNEXPECTED
     if not paths:
         log.warning("ComfyUI-StableCascade: the workflow ran but saved no image")
-    return 0
+    return EXIT_OK

@@ -6,20 +6,28 @@ values map to each node's widget inputs in INPUT_TYPES order (with the frontend'
 (ranges, options, VALIDATE_INPUTS), and the nodes an output needs run in dependency order. Images are written
 as PNGs with the API prompt and the workflow in "prompt" / "workflow" text chunks, as ComfyUI's SaveImage
 writes them, so the file drags back into ComfyUI. Models come from a ComfyUI-style models folder (``--models``
-or env SCW_MODELS_DIR); a loader whose folder is empty runs its tiny random demo network, and says so.
+or env SCW_MODELS_DIR); a loader whose folder is empty runs its tiny random demo network, and says so, but
+a folder that holds only files the pack refuses (pickles, other formats) is an error naming them.
+
+The file's structure is checked before anything runs and every problem is reported at once, named by the file,
+the node id and the field (``WorkflowError``); an error a node raises while running becomes a ``NodeError``
+naming the node id and title (``standalone.cli`` maps both to exit codes, never a traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import host
+from ..cascade.errors import CascadeError, SamplingInterrupted
 from ..nodes import NODE_CLASS_MAPPINGS
 from ..nodes.common import DEMO_CHOICE
 from . import core_standins
@@ -38,6 +46,28 @@ CORE_NODES = tuple(core_standins.core_standins())  # the core node types the run
 
 class WorkflowError(ValueError):
     """The workflow cannot run as written; the message names the node, the value and the fix."""
+
+
+class NodeError(RuntimeError):
+    """A node raised while the workflow ran. The message names the node id, its type and title, and the error
+    (``error``, also the ``__cause__``). ``bad_input``: the pack refused a value or file (a ``CascadeError``),
+    as opposed to an unexpected failure; ``interrupted``: the user stopped sampling."""
+
+    def __init__(self, node_id: str, class_type: str, title: str | None, error: BaseException) -> None:
+        self.node_id, self.class_type, self.title, self.error = node_id, class_type, title, error
+        self.bad_input = isinstance(error, (CascadeError, WorkflowError))
+        self.interrupted = isinstance(error, SamplingInterrupted)
+        titled = f", titled {title!r}" if title and title != class_type else ""
+        label = f"node {node_id} ({class_type}{titled})"
+        if self.bad_input or self.interrupted:
+            message = f"{label}: {error}"
+        elif isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+            message = (f"{label} ran out of memory ({type(error).__name__}: {error}) - use a smaller width, height "
+                       "or batch, bf16 weights, or free memory; -v shows where")
+        else:
+            message = (f"{label} failed with an unexpected {type(error).__name__}: {error} - the pack did not expect "
+                       "this; run again with -v for the traceback (and report it if the inputs look right)")
+        super().__init__(message)
 
 
 def node_classes(input_dir: str = "input") -> dict[str, type]:
@@ -100,7 +130,8 @@ def widget_slots(cls: type) -> list[str]:
 
 
 def _links(workflow: Mapping) -> dict[int, tuple[int, int, int, int, str]]:
-    """link id -> (from_node, from_slot, to_node, to_slot, type); both the list and the object forms."""
+    """link id -> (from_node, from_slot, to_node, to_slot, type); both the list and the object forms
+    (``check_structure`` has made sure each entry has them)."""
     out = {}
     for link in workflow.get("links", []) or []:
         if isinstance(link, dict):
@@ -175,15 +206,21 @@ def to_api_prompt(workflow: Mapping, classes: Mapping[str, type]) -> dict[str, d
 
 def _check_value(node_id: str, cls: type, name: str, spec: Any, value: Any) -> None:
     kind, options = _spec_type_and_options(spec)
-    where = f"node {node_id} ({cls.__name__}) input {name!r}"
+    where = f"node {node_id} ({getattr(cls, 'NODE_ID', cls.__name__)}) input {name!r}"
     choices = combo_options(spec)
     if choices is not None:
         if value not in choices:
             raise WorkflowError(f"{where}: {value!r} is not one of {choices}")
         return
     if kind in ("INT", "FLOAT"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and value != int(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WorkflowError(f"{where}: {value!r} is not a{'n integer' if kind == 'INT' else ' number'}")
+        if not math.isfinite(value):
+            # JSON readers accept NaN and Infinity; no range check can hold for them (NaN compares false).
+            raise WorkflowError(f"{where}: {value} is not a finite number; expected "
+                                f"{options.get('min', '-inf')}..{options.get('max', 'inf')}")
+        if kind == "INT" and value != int(value):
+            raise WorkflowError(f"{where}: {value!r} is not an integer")
         if "min" in options and value < options["min"]:
             raise WorkflowError(f"{where}: {value} is below the minimum {options['min']}")
         if "max" in options and value > options["max"]:
@@ -194,17 +231,34 @@ def _check_value(node_id: str, cls: type, name: str, spec: Any, value: Any) -> N
         raise WorkflowError(f"{where}: {value!r} is not a boolean")
 
 
-def _use_demo_for_missing_files(node_id: str, cls: type, inputs: dict) -> None:
-    """A loader naming a file its empty folder lacks runs the tiny demo network instead (logged by it)."""
-    demo = DEMO_CHOICE
-    for name, spec in input_specs(cls).items():
-        choices = combo_options(spec)
-        if choices == [demo] and inputs.get(name) not in (None, demo):
-            node = getattr(cls, "NODE_ID", cls.__name__)
-            log.warning("ComfyUI-StableCascade: node %s (%s): %r is not installed (no weights file in models/%s); "
-                        "running the tiny random demo network instead.", node_id, node, inputs[name],
-                        " or models/".join(getattr(cls, "FOLDERS", ())))
-            inputs[name] = demo
+def _check_model_files(node_id: str, cls: type, inputs: dict) -> None:
+    """A loader's ``file_name`` that its folders do not offer: with no weights file there at all, the tiny demo
+    network runs instead (logged); otherwise, or when the folders hold files the pack refuses (a .ckpt next to
+    nothing else), an error naming the missing file and what the folders hold, and why it is not read."""
+    folders = tuple(getattr(cls, "FOLDERS", ()))
+    spec = input_specs(cls).get("file_name")
+    value = inputs.get("file_name")
+    choices = combo_options(spec) if spec is not None else None
+    if not folders or choices is None or not isinstance(value, str) or value == DEMO_CHOICE or value in choices:
+        return
+    node = getattr(cls, "NODE_ID", cls.__name__)
+    where = f"node {node_id} ({node}) input 'file_name'"
+    refused = host.refused_files(folders)
+    if choices == [DEMO_CHOICE] and not refused:
+        log.warning("ComfyUI-StableCascade: node %s (%s): %r is not installed (no weights file in models/%s); "
+                    "running the tiny random demo network instead.", node_id, node, value, " or models/".join(folders))
+        inputs["file_name"] = DEMO_CHOICE
+        return
+    demo = "; the tiny demo network does not stand in for them" if choices == [DEMO_CHOICE] else ""
+    try:
+        host.model_path(folders, value)
+    except CascadeError as exc:
+        raise WorkflowError(f"{where}: {exc}{demo}") from None
+    why = dict(refused).get(value)
+    if why is not None:  # the named file is there, and is one the pack refuses
+        raise WorkflowError(f"{where}: {value!r} is in the models folder but is {why}{demo}")
+    # Any other file that is there (offered under another spelling, or not weights at all): the loader reads it
+    # and names what is wrong with it.
 
 
 def validate(prompt: dict[str, dict], classes: Mapping[str, type]) -> None:
@@ -212,7 +266,7 @@ def validate(prompt: dict[str, dict], classes: Mapping[str, type]) -> None:
     for node_id, entry in prompt.items():
         cls = classes[entry["class_type"]]
         inputs = entry["inputs"]
-        _use_demo_for_missing_files(node_id, cls, inputs)
+        _check_model_files(node_id, cls, inputs)
         required = cls.INPUT_TYPES().get("required", {})
         for name, spec in input_specs(cls).items():
             value = inputs.get(name)
@@ -249,7 +303,8 @@ def execution_order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> 
     def upstream(node_id: str) -> int:
         if node_id not in sizes:
             sizes[node_id] = 0  # a cycle is reported by visit(); this only keeps the count finite
-            sizes[node_id] = 1 + sum(upstream(v[0]) for v in prompt[node_id]["inputs"].values() if isinstance(v, list))
+            sizes[node_id] = 1 + sum(upstream(v[0]) for v in prompt[node_id]["inputs"].values()
+                                     if isinstance(v, list) and v[0] in prompt)
         return sizes[node_id]
 
     def visit(node_id: str) -> None:
@@ -260,7 +315,8 @@ def execution_order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> 
         state[node_id] = "active"
         # Deepest inputs first, so a loader (no inputs) runs just before the node that needs it and its network
         # is not resident while earlier stages run.
-        links = [v for v in prompt[node_id]["inputs"].values() if isinstance(v, list)]
+        # A link to a node that is not in the prompt is reported by validate(), with the input's name.
+        links = [v for v in prompt[node_id]["inputs"].values() if isinstance(v, list) and v[0] in prompt]
         for value in sorted(links, key=lambda v: -upstream(v[0])):
             visit(value[0])
         state[node_id] = "done"
@@ -297,9 +353,11 @@ def execute(prompt: dict[str, dict], classes: Mapping[str, type], workflow: Mapp
         log.info("ComfyUI-StableCascade: running node %s (%s)", node_id, entry["class_type"])
         try:
             out = getattr(cls(), cls.FUNCTION)(**kwargs)
-        except Exception:
-            log.error("ComfyUI-StableCascade: node %s (%s) failed", node_id, entry["class_type"])
-            raise
+        except Exception as exc:
+            # The traceback is for -v (debug); the message names the node so the user knows where to look.
+            log.debug("ComfyUI-StableCascade: node %s (%s) raised", node_id, entry["class_type"], exc_info=True)
+            title = (entry.get("_meta") or {}).get("title")
+            raise NodeError(node_id, entry["class_type"], title, exc) from exc
         results[node_id] = tuple(out.get("result", ()) if isinstance(out, dict) else out)
         for value in entry["inputs"].values():
             if isinstance(value, list):
@@ -327,17 +385,172 @@ def override_seed(workflow: Mapping | None, prompt: dict[str, dict], classes: Ma
                 node["widgets_values"][index] = seed
 
 
-def read_workflow(source: str | Mapping) -> tuple[dict | None, dict]:
-    """(UI workflow or None, API prompt-or-UI data) from a path or an already parsed JSON object."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, encoding="utf-8") as f:
-            source = json.load(f)
-    data = json.loads(json.dumps(source))  # a private copy: seeds and demo choices are written into it
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, str) and value.strip().isdigit())
+
+
+LINK_FIELDS = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+
+
+def _ui_node_problems(index: int, node: Any, seen: set) -> list[str]:
+    if not isinstance(node, dict):
+        return [f"nodes[{index}] is {_kind(node)}, expected a node object"]
+    problems = []
+    ntype = node.get("type")
+    named = f" ({ntype})" if isinstance(ntype, str) and ntype else ""
+    if "id" not in node:
+        problems.append(f"nodes[{index}]{named}: no 'id'")
+        where = f"nodes[{index}]{named}"
+    elif not _is_id(node["id"]):
+        problems.append(f"nodes[{index}]{named}: 'id' is {node['id']!r}, expected an integer")
+        where = f"nodes[{index}]{named}"
+    else:
+        where = f"node {node['id']}{named}"
+        if int(node["id"]) in seen:
+            problems.append(f"{where}: 'id' {node['id']} is used by another node too; node ids must be unique")
+        seen.add(int(node["id"]))
+    if not named:
+        problems.append(f"{where}: 'type' is {'missing' if 'type' not in node else _kind(ntype)}, expected the "
+                        "node's type name (a string)")
+    values = node.get("widgets_values")
+    if values is not None and not isinstance(values, (list, dict)):
+        problems.append(f"{where}: 'widgets_values' is {_kind(values)}, expected a list of widget values")
+    if node.get("mode") is not None and not _is_int(node.get("mode")):
+        problems.append(f"{where}: 'mode' is {node['mode']!r}, expected an integer (0 runs, 2 muted, 4 bypassed)")
+    inputs = node.get("inputs")
+    if inputs is not None and not isinstance(inputs, list):
+        problems.append(f"{where}: 'inputs' is {_kind(inputs)}, expected a list of sockets")
+    for i, socket in enumerate(inputs if isinstance(inputs, list) else []):
+        if not isinstance(socket, dict):
+            problems.append(f"{where}: inputs[{i}] is {_kind(socket)}, expected a socket object")
+        elif not isinstance(socket.get("name"), str):
+            problems.append(f"{where}: inputs[{i}] has no 'name' (a string)")
+        elif socket.get("link") is not None and not _is_int(socket["link"]):
+            problems.append(f"{where}: input {socket['name']!r}: 'link' is {socket['link']!r}, expected a link id "
+                            "(an integer) or null")
+    return problems
+
+
+def _link_problems(index: int, link: Any) -> list[str]:
+    if isinstance(link, dict):
+        missing = [k for k in LINK_FIELDS[:5] if not _is_int(link.get(k))]
+        name = f"links[{index}]" + (f" (link {link['id']})" if _is_int(link.get("id")) else "")
+        return [f"{name}: {', '.join(repr(k) for k in missing)} missing or not an integer"] if missing else []
+    if not isinstance(link, list):
+        return [f"links[{index}] is {_kind(link)}, expected [id, origin node, origin slot, target node, target "
+                "slot, type]"]
+    name = f"links[{index}]" + (f" (link {link[0]})" if link and _is_int(link[0]) else "")
+    if len(link) != len(LINK_FIELDS):
+        return [f"{name}: {len(link)} entries {link!r}, expected 6: [id, origin node, origin slot, target node, "
+                "target slot, type]"]
+    bad = [LINK_FIELDS[i] for i in range(5) if not _is_int(link[i])]
+    return [f"{name}: {', '.join(bad)} not an integer in {link!r}"] if bad else []
+
+
+def _ui_problems(data: Mapping) -> list[str]:
+    nodes, links = data.get("nodes"), data.get("links")
+    problems = []
+    if not isinstance(nodes, list):
+        problems.append(f"'nodes' is {_kind(nodes)}, expected a list of nodes")
+    seen: set = set()
+    for index, node in enumerate(nodes if isinstance(nodes, list) else []):
+        problems += _ui_node_problems(index, node, seen)
+    if links is not None and not isinstance(links, list):
+        problems.append(f"'links' is {_kind(links)}, expected a list of links")
+    for index, link in enumerate(links if isinstance(links, list) else []):
+        problems += _link_problems(index, link)
+    return problems
+
+
+def _api_problems(data: Mapping) -> list[str]:
+    problems = []
+    for node_id, entry in data.items():
+        where = f"node {node_id!r}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} is {_kind(entry)}, expected an object with 'class_type' and 'inputs'")
+            continue
+        if not isinstance(entry.get("class_type"), str):
+            found = "missing" if "class_type" not in entry else _kind(entry["class_type"])
+            problems.append(f"{where}: 'class_type' is {found}, expected the node's type name (a string)")
+        else:
+            where = f"node {node_id!r} ({entry['class_type']})"
+        inputs = entry.get("inputs", {})
+        if not isinstance(inputs, dict):
+            problems.append(f"{where}: 'inputs' is {_kind(inputs)}, expected an object of input values")
+            continue
+        for name, value in inputs.items():
+            if isinstance(value, list) and not (len(value) == 2 and _is_id(value[0]) and _is_int(value[1])):
+                problems.append(f"{where} input {name!r}: {value!r} is not a link [node id, output slot]")
+    return problems
+
+
+def check_structure(data: Any) -> str:
+    """"ui" or "api": what the parsed JSON is. Raises one WorkflowError listing every structural problem (nodes
+    without "id" or "type", links of the wrong length, widgets_values that are not a list...), so a damaged
+    file is reported at once and nothing below ever meets a missing key."""
+    if not isinstance(data, dict):
+        raise WorkflowError(f"the file holds {_kind(data)}, expected a JSON object: a ComfyUI workflow (with "
+                            "'nodes') or an API prompt - save it again from ComfyUI (Workflow > Save / Export)")
     if "nodes" in data:
-        return data, data
-    if data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
-        return None, data
-    raise WorkflowError("the file is neither a ComfyUI workflow (no 'nodes') nor an API prompt (no 'class_type')")
+        kind, problems = "ui", _ui_problems(data)
+    elif data and any(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        kind, problems = "api", _api_problems(data)
+    else:
+        raise WorkflowError("the file is neither a ComfyUI workflow (no 'nodes') nor an API prompt (no entry with "
+                            "'class_type') - save it again from ComfyUI (Workflow > Save / Export)")
+    if problems:
+        raise WorkflowError(f"{len(problems)} problem{'s' * (len(problems) > 1)} in the workflow's structure "
+                            f"(repair the file or save it again from ComfyUI):\n  " + "\n  ".join(problems))
+    return kind
+
+
+def _parse_file(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise WorkflowError("no such file - check the path") from None
+    except UnicodeDecodeError:
+        raise WorkflowError("not a text file (not UTF-8), so not a workflow .json") from None
+    except OSError as exc:
+        raise WorkflowError(f"cannot be read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise WorkflowError("the file is empty - save the workflow again from ComfyUI")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}): a truncated or "
+                            "hand-edited file? - save the workflow again from ComfyUI") from None
+
+
+@contextlib.contextmanager
+def _in_file(source: str | os.PathLike | Mapping) -> Iterator[None]:
+    """Prefix the workflow file's name to every WorkflowError raised inside."""
+    try:
+        yield
+    except WorkflowError as exc:
+        if isinstance(source, (str, os.PathLike)):
+            raise WorkflowError(f"{os.fspath(source)}: {exc}") from None
+        raise
+
+
+def read_workflow(source: str | Mapping) -> tuple[dict | None, dict]:
+    """(UI workflow or None, API prompt-or-UI data) from a path or an already parsed JSON object; its structure
+    is checked first (``check_structure``) and errors name the file."""
+    with _in_file(source):
+        data = _parse_file(source) if isinstance(source, (str, os.PathLike)) else source
+        kind = check_structure(data)
+        data = json.loads(json.dumps(data))  # a private copy: seeds and demo choices are written into it
+    return (data, data) if kind == "ui" else (None, data)
 
 
 def default_input_dir(source: str | Mapping) -> str:
@@ -350,6 +563,19 @@ def default_input_dir(source: str | Mapping) -> str:
     return "input"
 
 
+def _normalise_prompt(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> None:
+    """API prompts name their node types directly (one the runner lacks is an error, not a KeyError) and may
+    give linked node ids as numbers (made strings, as the prompt's keys)."""
+    for node_id, entry in prompt.items():
+        entry.setdefault("inputs", {})
+        for name, value in entry["inputs"].items():
+            if isinstance(value, list):
+                entry["inputs"][name] = [str(value[0]), value[1]]  # API prompts may give node ids as numbers
+        if entry["class_type"] not in classes:
+            raise WorkflowError(f"node {node_id}: unknown node type {entry['class_type']!r}; the runner knows the "
+                                f"pack's nodes and the core nodes {list(CORE_NODES)} - install or replace it")
+
+
 def run_workflow(source: str | Mapping, out: str | None = None, output_dir: str = "output", seed: int | None = None,
                  models: str | None = None, input_dir: str | None = None) -> list[str]:
     """Check and run a workflow; returns the paths of the images written."""
@@ -357,11 +583,13 @@ def run_workflow(source: str | Mapping, out: str | None = None, output_dir: str 
         host.set_models_dir(models)
     classes = node_classes(input_dir or default_input_dir(source))
     workflow, data = read_workflow(source)
-    prompt = to_api_prompt(workflow, classes) if workflow is not None else data
-    if seed is not None:
-        override_seed(workflow, prompt, classes, seed)
-    # As ComfyUI: only what an output needs is checked and run.
-    validate({node_id: prompt[node_id] for node_id in execution_order(prompt, classes)}, classes)
+    with _in_file(source):
+        prompt = to_api_prompt(workflow, classes) if workflow is not None else data
+        _normalise_prompt(prompt, classes)
+        if seed is not None:
+            override_seed(workflow, prompt, classes, seed)
+        # As ComfyUI: only what an output needs is checked and run.
+        validate({node_id: prompt[node_id] for node_id in execution_order(prompt, classes)}, classes)
     output = core_standins.OutputPlan(directory=output_dir, out=out)
     execute(prompt, classes, workflow, output)
     if any(DEMO_CHOICE in e["inputs"].values() for e in prompt.values()):

@@ -108,6 +108,7 @@ class Layout:
     nodes_dir: str  # holds the symlink FOLDER -> this repo
     models: dict[str, str]  # ComfyUI folder name -> tmp folder with the tiny files
     yaml_path: str
+    broken_site: str = ""  # a folder with a fake torchaudio whose import raises (see write_broken_torchaudio)
 
     @property
     def pack_path(self) -> str:
@@ -135,6 +136,19 @@ def _write_tiny_models(models: Mapping[str, str]) -> None:
         save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(models["controlnet"], name))
 
 
+# What a torchaudio wheel that does not match torch raises on import (common after a torch upgrade).
+BROKEN_TORCHAUDIO_MESSAGE = "Could not load this library: /scw-fake/site-packages/torchaudio/lib/_torchaudio.abi3.so"
+
+
+def write_broken_torchaudio(folder: str) -> str:
+    """A ``torchaudio`` package under ``folder`` whose import raises OSError like a mismatched wheel; put
+    ``folder`` first on a Python's path and transformers' CLIP modelling import fails through it."""
+    os.makedirs(os.path.join(folder, "torchaudio"))
+    with open(os.path.join(folder, "torchaudio", "__init__.py"), "w", encoding="utf-8") as f:
+        f.write(f"raise OSError({BROKEN_TORCHAUDIO_MESSAGE!r})\n")
+    return folder
+
+
 def make_layout(base: str) -> Layout:
     """Under ``base``: extra_custom_nodes/ComfyUI-StableCascade -> this repo, extra_models/<folder>/ with the tiny
     files, and the yaml that adds both to ComfyUI; nothing is written into the checkout."""
@@ -153,7 +167,7 @@ def make_layout(base: str) -> Layout:
         f.write(f"scw_integration:\n    base_path: {base}\n    custom_nodes: extra_custom_nodes\n")
         for folder in models:
             f.write(f"    {folder}: extra_models/{folder}\n")
-    return Layout(base, nodes_dir, models, yaml_path)
+    return Layout(base, nodes_dir, models, yaml_path, write_broken_torchaudio(os.path.join(base, "broken_site")))
 
 
 # ----------------------------------------------------------------------------- the server
@@ -208,8 +222,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def start_server(layout: Layout, comfy_root: str) -> Iterator[Server]:
-    """``main.py --cpu`` on a free loopback port with the layout's yaml; always stopped on exit."""
+def start_server(layout: Layout, comfy_root: str, broken_torchaudio: bool = True) -> Iterator[Server]:
+    """``main.py --cpu`` on a free loopback port with the layout's yaml; always stopped on exit.
+
+    With ``broken_torchaudio`` the layout's fake torchaudio (its import raises OSError) comes first on the
+    server's path, as in a ComfyUI whose torchaudio no longer matches its torch: core keeps working (it
+    guards its torchaudio imports), and so must the pack."""
     port = _free_port()
     log_path = os.path.join(layout.base, "comfyui.log")
     for sub in ("output", "input", "temp", "user"):
@@ -223,6 +241,8 @@ def start_server(layout: Layout, comfy_root: str) -> Iterator[Server]:
            "--database-url", "sqlite:///:memory:"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     env.pop("SCW_NO_COMFY", None)
+    if broken_torchaudio:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (layout.broken_site, os.environ.get("PYTHONPATH")) if p)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(cmd, cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    stdin=subprocess.DEVNULL)

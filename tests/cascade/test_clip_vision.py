@@ -106,9 +106,16 @@ def test_encode_matches_transformers(vision):
     hf.load_state_dict(vision.state_dict(), strict=True)
     with torch.no_grad():
         ref = hf(pixel_values=V.clip_preprocess(images)).image_embeds
-    # Same layers, other kernels / batch sizes: float32 rounding only (measured 3.7e-8 on embeddings up to 0.38).
-    torch.testing.assert_close(embeds, ref, atol=1e-6, rtol=1e-5)
+    # The pack's pure-torch tower runs the same kernels in the same order as transformers': bit for bit.
+    torch.testing.assert_close(embeds, ref, atol=0, rtol=0)
+    assert list(vision.state_dict()) == list(hf.state_dict())
+    # Another batch size: float32 rounding only (measured 3.7e-8 on embeddings up to 0.38).
     torch.testing.assert_close(vision.encode(images[1:]), embeds[1:], atol=1e-6, rtol=1e-5)
+
+
+def test_encode_pixels_checks_the_size(vision):
+    with pytest.raises(ShapeError, match=r"\(B, 3, 224, 224\)"):
+        vision.encode_pixels(torch.zeros(1, 3, 112, 112))
 
 
 def test_vit_l14_config_matches_release():

@@ -11,6 +11,7 @@ import unicodedata
 import pytest
 import torch
 from comfyui_stablecascade.cascade import text as T
+from comfyui_stablecascade.cascade.clip_layers import materialize_buffers
 from comfyui_stablecascade.cascade.errors import CascadeError, CheckpointError, UnknownLayoutError
 
 TOK_DIR = T.TOKENIZER_DIR
@@ -184,10 +185,42 @@ def test_encode_matches_transformers(encoder):
     tok = encoder.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
         ref = _hf_twin(encoder)(**tok, output_hidden_states=True)
-    torch.testing.assert_close(clip_text, ref.hidden_states[-1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(pooled, ref.text_embeds, atol=1e-6, rtol=0)
+    # The pack's pure-torch tower runs the same kernels in the same order as transformers' (sdpa): bit for bit.
+    torch.testing.assert_close(clip_text, ref.hidden_states[-1], atol=0, rtol=0)
+    torch.testing.assert_close(pooled, ref.text_embeds, atol=0, rtol=0)
     # hidden_states[-1] is the last layer before the final LayerNorm, not last_hidden_state.
     assert (clip_text - ref.last_hidden_state).abs().max() > 1e-2
+
+
+def test_encode_matches_transformers_without_padding_and_in_bf16(encoder):
+    # An all-ones mask (a 77-token prompt) and no mask take the kernel's causal path, as in transformers.
+    ids, mask = encoder.tokenize(["word " * 100])
+    assert bool(mask.all())
+    hf = _hf_twin(encoder)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for m in (mask, None):
+        clip_text, pooled = encoder.encode_tokens(ids, m)
+        torch.testing.assert_close(clip_text, ref.hidden_states[-1], atol=0, rtol=0)
+        torch.testing.assert_close(pooled, ref.text_embeds, atol=0, rtol=0)
+    half = T.TextEncoder(encoder.config, dtype=torch.bfloat16)
+    half.load_state_dict(encoder.state_dict())
+    ids, mask = encoder.tokenize(["a photo of a cat", ""])
+    with torch.no_grad():
+        ref = hf.to(torch.bfloat16)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    clip_text, pooled = half.encode_tokens(ids, mask)
+    assert clip_text.dtype == torch.bfloat16
+    torch.testing.assert_close(clip_text, ref.hidden_states[-1], atol=0, rtol=0)
+    torch.testing.assert_close(pooled, ref.text_embeds, atol=0, rtol=0)
+
+
+def test_state_dict_keys_and_order_are_transformers(encoder):
+    from transformers import CLIPTextModelWithProjection
+
+    hf = CLIPTextModelWithProjection(encoder.config.to_transformers())
+    ours, theirs = encoder.state_dict(), hf.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
 
 
 def test_pad_id_and_mask(encoder):
@@ -256,7 +289,7 @@ def test_pooling_rules_with_added_token(encoder):
     assert clone.pooled_positions(ids).item() == pos_eos
     legacy = T.TextEncoder(dataclasses.replace(clone.config, pooling="argmax"), device="meta")
     legacy.load_state_dict(clone.state_dict(), assign=True)
-    T.materialize_buffers(legacy, "cpu")
+    materialize_buffers(legacy, "cpu")
     assert legacy.pooled_positions(ids).item() == pos_new
     # Both rules agree with transformers for the matching config (eos_token_id 49407 vs legacy 2).
     for model, eos in ((clone, 49407), (legacy, 2)):

@@ -217,6 +217,80 @@ def test_model_files_and_paths(tmp_path):
         host.model_path(["vae"], "../secret.safetensors")
 
 
+def _folder_with_refused_files(root):
+    base = root / "diffusion_models"
+    (base / "sub").mkdir(parents=True)
+    (base / "stage_c.ckpt").write_bytes(b"x")
+    (base / "sub" / "stage_b.pt").write_bytes(b"x")
+    (base / "stage_c_q4.gguf").write_bytes(b"x")
+    (base / "stage_c.onnx").write_bytes(b"x")
+    # Not weights: ComfyUI's placeholder and notes are never listed as refused.
+    (base / "put_diffusion_model_files_here").write_bytes(b"")
+    (base / "README.txt").write_bytes(b"x")
+    return base
+
+
+REFUSED = [("stage_c.ckpt", "PyTorch pickle"), ("stage_c.onnx", "unknown extension (.onnx)"),
+           ("stage_c_q4.gguf", "GGUF"), ("sub/stage_b.pt", "PyTorch pickle")]
+
+
+def _assert_lists_refused(message: str) -> None:
+    for name, why in REFUSED:
+        assert f"{name} (" in message and why in message, (name, message)
+    assert "never unpickles" in message and "convert it to .safetensors" in message
+    assert "put_diffusion_model_files_here" not in message and "README.txt" not in message
+
+
+@builtin_only
+def test_missing_file_message_lists_the_files_the_pack_refuses_and_why(tmp_path):
+    _folder_with_refused_files(tmp_path)
+    host.set_models_dir(str(tmp_path))
+    assert host.model_files(["diffusion_models"]) == []
+    assert [name for name, _ in host.BACKEND.refused_files(["unet"])] == [
+        name for name, _ in REFUSED]
+    with pytest.raises(CheckpointError, match=r"'stage_c\.safetensors' was not found") as err:
+        host.model_path(["diffusion_models", "unet"], "stage_c.safetensors")
+    _assert_lists_refused(str(err.value))
+    # A folder with nothing refused keeps the short message.
+    with pytest.raises(CheckpointError) as err:
+        host.model_path(["vae"], "stage_a.safetensors")
+    assert "does not read" not in str(err.value)
+
+
+def test_comfyui_backend_lists_refused_files_the_same_way(tmp_path):
+    """host.comfyui's model_path mirrors the built-in one; folder_paths is faked (no ComfyUI needed)."""
+    from types import SimpleNamespace
+
+    from comfyui_stablecascade.host import comfyui
+
+    base = _folder_with_refused_files(tmp_path)
+
+    class FolderPaths:
+        @staticmethod
+        def get_filename_list(folder):
+            if folder != "diffusion_models":
+                raise KeyError(folder)
+            return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+
+        @staticmethod
+        def get_full_path(folder, name):
+            return None
+
+        @staticmethod
+        def get_folder_paths(folder):
+            if folder != "diffusion_models":
+                raise KeyError(folder)
+            return [str(base)]
+
+    backend = comfyui.ComfyBackend(SimpleNamespace(folder_paths=FolderPaths))
+    assert backend.model_files(["diffusion_models", "unet"]) == []
+    assert backend.refused_files(["diffusion_models", "unet"]) == builtin.refused_in([str(base)])
+    with pytest.raises(CheckpointError, match=r"'stage_c\.safetensors' was not found in models/diffusion_models/") \
+            as err:
+        backend.model_path(["diffusion_models", "unet"], "stage_c.safetensors")
+    _assert_lists_refused(str(err.value))
+
+
 @builtin_only
 def test_model_path_without_models_dir_names_the_setting(monkeypatch):
     monkeypatch.delenv("SCW_MODELS_DIR", raising=False)
@@ -282,6 +356,11 @@ for name in ("a.safetensors", "b.ckpt"):
 folder_paths.add_model_folder_path("diffusion_models", d)
 assert host.model_files(["diffusion_models", "unet"]) == ["a.safetensors"]
 assert host.model_path(["unet"], "a.safetensors") == os.path.join(d, "a.safetensors")
+try:
+    host.model_path(["diffusion_models"], "missing.safetensors")
+    raise AssertionError("no error for a missing file")
+except ValueError as e:
+    assert "b.ckpt (a PyTorch pickle" in str(e), str(e)
 print("OK")
 '''
 

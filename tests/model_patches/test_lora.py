@@ -285,8 +285,7 @@ def test_learned_tokens_on_a_twin(stage_c, encoder):
     sd = {**L.demo_lora(stage_c.module), **_token_lora(1, [dog], torch.Generator().manual_seed(2))}
     lora = parse_lora(sd, "fernando.safetensors")
     s = 0.5
-    new_c, new_te = L.apply_lora(stage_c, enc_handle, lora, 1.0, s, L.parse_tokens("[fernando]=^dog</w>"),
-                                 wrap=host.wrap)
+    new_c, new_te = L.apply_lora(stage_c, enc_handle, lora, 1.0, s, L.parse_tokens("[fernando]=^dog</w>"))
     twin = new_te.module
     assert twin is not encoder and twin.added_tokens == {"[fernando]": CLIP_VOCAB_SIZE}
     ids, _ = twin.tokenize(["a photo of [fernando]"])
@@ -312,12 +311,12 @@ def test_token_collisions_and_count_errors_leave_nothing_changed(stage_c, encode
     sd = {**L.demo_lora(stage_c.module), **_token_lora(1, [], torch.Generator().manual_seed(2))}
     lora = parse_lora(sd, "fernando.safetensors")
     with pytest.raises(CascadeError, match="collides with the existing CLIP token"):
-        L.apply_lora(stage_c, enc_handle, lora, 1.0, 1.0, L.parse_tokens("<|endoftext|>"), wrap=host.wrap)
-    c1, te1 = L.apply_lora(stage_c, enc_handle, lora, 1.0, 1.0, L.parse_tokens("[fernando]"), wrap=host.wrap)
+        L.apply_lora(stage_c, enc_handle, lora, 1.0, 1.0, L.parse_tokens("<|endoftext|>"))
+    c1, te1 = L.apply_lora(stage_c, enc_handle, lora, 1.0, 1.0, L.parse_tokens("[fernando]"))
     with pytest.raises(CascadeError, match="earlier in the chain"):
-        L.apply_lora(c1, te1, lora, 1.0, 1.0, L.parse_tokens("[fernando]"), wrap=host.wrap)
+        L.apply_lora(c1, te1, lora, 1.0, 1.0, L.parse_tokens("[fernando]"))
     with pytest.raises(CascadeError, match="trains 1 new token"):
-        L.apply_lora(stage_c, enc_handle, lora, 1.0, 1.0, [], wrap=host.wrap)
+        L.apply_lora(stage_c, enc_handle, lora, 1.0, 1.0, [])
     with pytest.raises(CascadeError, match="not a learned-token name"):
         L.parse_tokens("^snail")
     assert stage_c.patch_keys() == [] and c1.patch_keys() == ["scw_lora:fernando.safetensors"]
@@ -332,9 +331,9 @@ def test_stacking_sums_patches_and_remaps_tokens(stage_c, encoder, tmp_path):
     sd_b, pairs_b = _community_file(stage_c.module, gen, rank=2, alpha=2.0)
     sd_c = {**L.demo_lora(stage_c.module, seed=2), **_token_lora(1, [], gen)}
     lora_a, lora_b, lora_c = parse_lora(sd_a, "a"), parse_lora(sd_b, "b"), parse_lora(sd_c, "c")
-    c1, t1 = L.apply_lora(stage_c, enc_handle, lora_a, 0.5, 1.0, L.parse_tokens("[fernando]=^dog</w>"), host.wrap)
-    c2, t2 = L.apply_lora(c1, t1, lora_b, 1.5, 1.0, [], host.wrap)
-    c3, t3 = L.apply_lora(c2, t2, lora_c, -1.0, 0.25, L.parse_tokens("[other]"), host.wrap)
+    c1, t1 = L.apply_lora(stage_c, enc_handle, lora_a, 0.5, 1.0, L.parse_tokens("[fernando]=^dog</w>"))
+    c2, t2 = L.apply_lora(c1, t1, lora_b, 1.5, 1.0, [])
+    c3, t3 = L.apply_lora(c2, t2, lora_c, -1.0, 0.25, L.parse_tokens("[other]"))
     assert t2 is t1  # a LoRA without text part passes the encoder through
     assert c3.patch_keys() == ["scw_lora:a", "scw_lora:b", "scw_lora:c"]
     got = _weights_as_loaded(c3)
@@ -401,11 +400,11 @@ def test_error_midway_leaves_nothing_patched(stage_c, encoder):
     sd = {**L.demo_lora(stage_c.module), **_token_lora(1, [], torch.Generator().manual_seed(2))}
     sd["weights.5.lora_up"] = torch.zeros(7, 4)  # a damaged pair in the middle of the file
     with pytest.raises(ShapeError, match="weights.5"):
-        L.apply_lora(stage_c, enc_handle, parse_lora(sd, "bad"), 1.0, 1.0, L.parse_tokens("[fernando]"), host.wrap)
+        L.apply_lora(stage_c, enc_handle, parse_lora(sd, "bad"), 1.0, 1.0, L.parse_tokens("[fernando]"))
     sd = {**L.demo_lora(stage_c.module), "embeddings.indices": torch.tensor([CLIP_VOCAB_SIZE]),
           "embeddings.embeddings": torch.zeros(1, 1280)}  # token rows for a wider text encoder
     with pytest.raises(ShapeError, match="1280 wide"):
-        L.apply_lora(stage_c, enc_handle, parse_lora(sd, "bad"), 1.0, 1.0, L.parse_tokens("[fernando]"), host.wrap)
+        L.apply_lora(stage_c, enc_handle, parse_lora(sd, "bad"), 1.0, 1.0, L.parse_tokens("[fernando]"))
     assert stage_c.patch_keys() == [] and enc_handle.patch_keys() == []
     assert encoder.added_tokens == {}
     _assert_same(_weights_as_loaded(stage_c), base)
@@ -420,9 +419,73 @@ def test_text_encoder_lora_keys_patch_a_twin(stage_c, encoder):
     sd = {"lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up,
           "lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
           "lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0)}
-    _, te = L.apply_lora(stage_c, enc_handle, parse_lora(sd, "te"), 1.0, 0.6, [], host.wrap)
-    torch.testing.assert_close(te.module.state_dict()[key], before[key] + 0.6 * (up @ down) / 2)
+    _, te = L.apply_lora(stage_c, enc_handle, parse_lora(sd, "te"), 1.0, 0.6, [])
+    # A patch on a clone of the encoder's handle (one network for the memory manager), applied when it loads.
+    assert te.patcher is not enc_handle.patcher and te.module is encoder
+    assert te.patch_keys() == ["scw_lora:te"] and enc_handle.patch_keys() == []
+    prompt = ["a photo of a cat"]
+    with host.using([enc_handle]):
+        plain = encoder.encode(prompt)[0]
+    with host.using([te]):
+        torch.testing.assert_close(te.module.state_dict()[key], before[key] + 0.6 * (up @ down) / 2)
+        patched = te.module.encode(prompt)[0]
+    assert not torch.allclose(patched, plain)
+    host.load([enc_handle])  # the base handle: the built-in manager takes the clone's patches off
     _assert_same(_snapshot(encoder), before)
+    torch.testing.assert_close(encoder.encode(prompt)[0], plain, atol=0, rtol=0)
+
+
+def _resident_bytes() -> int:
+    return sum(p.model_size() for p in host._BUILTIN.manager.resident)
+
+
+def test_learned_token_encoder_is_counted_once(stage_c, encoder):
+    """A LoRA with learned tokens gives a text encoder that shares every layer but its token embedding with the
+    base one; the memory manager holds one network for both, so the shared weights are counted once."""
+    host.unload_all()
+    enc_handle = host.wrap(encoder, "text_encoder")
+    sd = {**L.demo_lora(stage_c.module), **_token_lora(1, [], torch.Generator().manual_seed(2))}
+    _, te = L.apply_lora(stage_c, enc_handle, parse_lora(sd, "f"), 1.0, 1.0, L.parse_tokens("[fernando]"))
+    twin, base_sd = te.module, encoder.state_dict(keep_vars=True)
+    assert twin is not encoder and "[fernando]" in twin.added_tokens
+    # Every tensor but the token embedding is the base encoder's own object, not a copy.
+    shared = [k for k, v in twin.state_dict(keep_vars=True).items() if v is base_sd[k]]
+    assert set(base_sd) - set(shared) == {"text_model.embeddings.token_embedding.weight"}
+    # The twin's handle is a clone of the base's patcher: same network, same size (the base's bytes, once).
+    assert te.patcher.model is encoder and te.model_size() == enc_handle.model_size() == host.builtin.module_size(
+        encoder)
+    with host.using([enc_handle]):
+        encoder.encode(["a cat"])
+    once = _resident_bytes()
+    with host.using([te]):
+        te.module.encode(["a [fernando] cat"])
+    assert _resident_bytes() == once, "the learned-token encoder was counted beside the base one"
+    assert sum(p.model is encoder for p in host._BUILTIN.manager.resident) == 1
+    # Only the twin's own embedding table is extra memory, outside the manager's count.
+    extra = twin.text_model.embeddings.token_embedding.weight
+    assert extra.shape[0] == CLIP_VOCAB_SIZE + 1 and extra is not base_sd["text_model.embeddings.token_embedding.weight"]
+
+
+def test_twin_computes_with_the_base_encoders_live_layers(encoder):
+    """The twin's layers are the base's objects: what a host does to them (move, cast, patch in place) the twin
+    computes with. Cast here, the one change a CPU test can make: both then agree on a prompt without the token."""
+    twin, _ = encoder.clone_with_tokens([("[fernando]", None)])
+    ids, mask = encoder.tokenize(["a photo of a cat"])
+    tm = encoder.text_model
+    layers = (tm.embeddings.position_embedding, tm.encoder, tm.final_layer_norm, encoder.text_projection)
+    try:
+        for layer in layers:  # everything but the token table, which the twin holds on its own
+            layer.to(torch.float64)
+        assert twin.text_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float64
+        assert twin.text_projection.weight.dtype == torch.float64
+        base_text, base_pooled = encoder.encode_tokens(ids, mask)
+        twin_text, twin_pooled = twin.encode_tokens(ids, mask)
+    finally:
+        for layer in layers:
+            layer.to(torch.float32)
+    assert base_text.dtype == twin_text.dtype == torch.float64
+    torch.testing.assert_close(twin_text, base_text, atol=0, rtol=0)
+    torch.testing.assert_close(twin_pooled, base_pooled, atol=0, rtol=0)
 
 
 def test_nodes_demo_choice_and_token_validation(stage_c, encoder):

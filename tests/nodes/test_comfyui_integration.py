@@ -107,6 +107,25 @@ def test_text_to_image_workflow_runs_in_comfyui(server: Server) -> None:
     assert "memory leak" not in log, log[-6000:]
 
 
+def test_text_encoder_nodes_run_with_a_broken_torchaudio(server: Server) -> None:
+    """The server runs with a fake torchaudio whose import raises OSError (a wheel that no longer matches torch):
+    transformers' CLIP modelling cannot be imported there, and the pack's text-encoder loader and SCW_TextEncode
+    must still run (the pack's CLIP towers are pure torch; transformers gives only the tokenizer)."""
+    log = server.log()
+    # The simulation is active: ComfyUI's own audio nodes failed on the fake library.
+    assert h.BROKEN_TORCHAUDIO_MESSAGE in log, f"the fake torchaudio was not imported by the server:\n{log[-4000:]}"
+    prompt = h.small_prompt(server.object_info)
+    encoders = [k for k, v in prompt.items() if v["class_type"] == "SCW_TextEncode"]
+    assert encoders, "text_to_image.json has no SCW_TextEncode"
+    for i, node in enumerate(encoders):
+        prompt[node]["inputs"]["text"] = f"a fox in the snow, broken torchaudio run {i}"  # not from the cache
+    run = h.run_ok(server, prompt)
+    executed = {e.get("node") for e in run.of_type("executing")}
+    assert set(encoders) <= executed, f"SCW_TextEncode nodes {encoders} did not run; executed {executed}"
+    assert h.saved_image(server, prompt, run).size == (TEST_SIZE, TEST_SIZE)
+    assert "Requested to load TextEncoder" in server.log(), "the text encoder never went through ComfyUI's loader"
+
+
 SHIPPED = sorted(f for f in os.listdir(os.path.join(h.REPO, "workflows")) if f.endswith(".json"))
 
 
@@ -416,3 +435,33 @@ def test_lora_node_patches_are_applied_by_comfyui(inproc: InProcess) -> None:
     assert not unchanged, f"the LoRA's patches on {len(unchanged)} of {len(targets)} targets were not applied: " \
                           f"{unchanged[:4]}"
     assert all(torch.equal(restored[k], before[k]) for k in targets)
+
+
+def test_learned_token_text_encoder_is_one_model_for_comfyui(inproc: InProcess) -> None:
+    """SCW_LoraLoader with a learned-token LoRA: the text encoder it returns is a clone of the loader's
+    ModelPatcher (one network, one model_size()), so ComfyUI's loaded-models list holds the shared weights once;
+    encoding with the twin and with the base swaps ComfyUI's one entry instead of adding a second."""
+    env = inproc
+    env.mm.unload_all_models()
+    (stage_c,) = env.classes["SCW_StageCLoader"]().load("stage_c_bf16.safetensors", "default")
+    (base,) = env.classes["SCW_TextEncoderLoader"]().load("stable_cascade_text_encoder.safetensors", "default")
+    name = next(n for n, k in h.TINY_LORAS.items() if k == 1)
+    _, twin = env.classes["SCW_LoraLoader"]().apply(stage_c, base, name, 1.0, 1.0, "[fernando]")
+    assert isinstance(twin.patcher, env.patcher_class)
+    assert twin.patcher.model is base.patcher.model and twin.patcher.is_clone(base.patcher)
+    assert twin.patcher.model_size() == base.patcher.model_size() == env.mm.module_size(base.module)
+    assert twin.module is not base.module and "[fernando]" in twin.module.added_tokens
+
+    def text_encoders_loaded() -> list[Any]:
+        return [m for m in env.mm.current_loaded_models if m.model is not None and m.model.model is base.module]
+
+    encode = env.classes["SCW_TextEncode"]()
+    plain = encode.encode(base, "a photo of [fernando]")[0][0][0]
+    assert len(text_encoders_loaded()) == 1
+    learned = encode.encode(twin, "a photo of [fernando]")[0][0][0]
+    loaded = text_encoders_loaded()
+    assert len(loaded) == 1 and loaded[0].model is twin.patcher, "ComfyUI holds the text encoder twice"
+    assert not torch.allclose(plain, learned), "the learned token changed nothing"
+    again = encode.encode(base, "a photo of [fernando]")[0][0][0]
+    assert torch.equal(again, plain) and len(text_encoders_loaded()) == 1
+    env.mm.unload_all_models()

@@ -17,12 +17,13 @@ from safetensors.torch import save_file
 from comfyui_stablecascade import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
 from comfyui_stablecascade.cascade.errors import CascadeError, StageMismatchError
 from comfyui_stablecascade.cascade.stage_c import StageC, StageCConfig
-from comfyui_stablecascade.nodes import common, conditioning, decode, latents, loaders, sampling
+from comfyui_stablecascade.nodes import common, conditioning, decode, image, latents, loaders, sampling
 from comfyui_stablecascade.nodes.common import DEMO_CHOICE
 from comfyui_stablecascade.nodes.kinds import demo_network
 from comfyui_stablecascade.pipeline import STAGE_B, STAGE_C
 from comfyui_stablecascade.pipeline.conditioning import merge_entries
-from comfyui_stablecascade.pipeline.latents import DEFAULT_COMPRESSION, latent_samples
+from comfyui_stablecascade.pipeline.latents import DEFAULT_COMPRESSION, EMPTY_LATENT_RANGES, latent_samples
+from comfyui_stablecascade.pipeline.settings import SETTING_RANGES
 from comfyui_stablecascade.samplers.sampling import SAMPLERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/nodes/ -> the repo
@@ -187,8 +188,9 @@ def test_samplers_run_on_core_combined_conditioning_and_cascade_node_matches_the
     assert out_c["samples"].shape == (1, 16, 6, 6) and out_c["scw_stage"] == "c"
     assert torch.isfinite(out_c["samples"]).all()
     (pc,) = sampling.StageCSampler().sample(stage_c, positive, negative, c_latent, 5, 2, 4.0, 2.0, "ddpm", 0.7, 1.0)
-    (pb,) = sampling.StageBSampler().sample(stage_b, positive, negative, pc, b_latent, 5, 2, 1.1, 1.0, "ddpm", 0.0,
-                                            1.0)
+    # The cascade node samples Stage B with the official shift and rescale (STAGE_B's).
+    (pb,) = sampling.StageBSampler().sample(stage_b, positive, negative, pc, b_latent, 5, 2, 1.1, STAGE_B.shift,
+                                            "ddpm", STAGE_B.rescale, 1.0)
     both = sampling.CascadeSampler().sample(stage_c, stage_b, positive, negative, c_latent, b_latent, 5, "ddpm",
                                             2, 4.0, 2, 1.1)
     assert torch.equal(both[0]["samples"], pc["samples"]) and torch.equal(both[1]["samples"], pb["samples"])
@@ -333,3 +335,58 @@ def test_nodes_md_names_every_node_and_input():
             assert f"| `{name}`" in by_id[node_id], f"docs/NODES.md: {node_id} lacks input {name}"
         for name in cls.RETURN_NAMES:
             assert f"`{name}` (" in by_id[node_id], f"docs/NODES.md: {node_id} lacks output {name}"
+
+
+# ---- one table of ranges, non-finite outputs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [sampling.StageCSampler, sampling.StageBSampler, image.StageCImageToImage])
+def test_sampler_widget_ranges_are_the_table_the_api_checks(cls):
+    inputs = _all_inputs(cls)
+    for name, (low, high) in SETTING_RANGES.items():
+        assert (inputs[name][1]["min"], inputs[name][1]["max"]) == (low, high), (cls.NODE_ID, name)
+    cascade = _all_inputs(sampling.CascadeSampler)
+    for name in ("steps", "cfg"):
+        for prefix in ("c_", "b_"):
+            assert (cascade[prefix + name][1]["min"], cascade[prefix + name][1]["max"]) == SETTING_RANGES[name]
+
+
+def test_empty_latent_declares_the_range_empty_latents_enforces():
+    inputs = _all_inputs(latents.EmptyLatent)
+    for name, (low, high) in EMPTY_LATENT_RANGES.items():
+        assert (inputs[name][1]["min"], inputs[name][1]["max"]) == (low, high), name
+    with pytest.raises(CascadeError, match=r"width=0 is outside 256\.\.16384"):
+        latents.EmptyLatent().generate(0, 1024, 1, DEFAULT_COMPRESSION)
+
+
+def test_sampler_node_refuses_nan_cfg():
+    _, stage_b = latents.EmptyLatent().generate(256, 256, 1, DEFAULT_COMPRESSION)
+    stage_c, _ = latents.EmptyLatent().generate(256, 256, 1, DEFAULT_COMPRESSION)
+    cond = [[torch.zeros(1, 77, 64), {"pooled_output": torch.zeros(1, 64)}]]
+    model = host.wrap(demo_network("stage_b"), "stage_b")
+    with pytest.raises(CascadeError, match="the Stage B sampler: cfg=nan is not a finite number"):
+        sampling.StageBSampler().sample(model, cond, cond, stage_c, stage_b, 0, 2, float("nan"), 1.0, "ddpm", 0.7,
+                                        1.0)
+
+
+def _broken(kind: str) -> object:
+    """A demo network of ``kind`` whose weights are NaN (a damaged file that loaded)."""
+    module = demo_network(kind)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(float("nan"))
+    return host.wrap(module, kind)
+
+
+def test_decoders_refuse_to_turn_nan_into_a_black_image():
+    _, stage_b = latents.EmptyLatent().generate(256, 256, 1, DEFAULT_COMPRESSION)
+    with pytest.raises(CascadeError, match=r"Stage A decode: the decoded image .* NaN/inf values .*\(weights fp32\)"
+                                           r".*download it again"):
+        decode.StageADecode().decode(_broken("stage_a"), stage_b)
+    with pytest.raises(CascadeError, match=r"Previewer decode: the preview image .* NaN/inf .*\(weights fp32\)"):
+        decode.PreviewerDecode().decode(_broken("previewer"), {"samples": torch.zeros(1, 16, 4, 4)})
+    # A NaN latent is refused before any network runs, with a message that does not guess a cause.
+    stage_b["samples"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CascadeError, match="Stage A decode latent: the latent holds 1 NaN/inf") as err:
+        decode.StageADecode().decode(host.wrap(demo_network("stage_a"), "stage_a"), stage_b)
+    assert "fp16" not in str(err.value)

@@ -81,10 +81,8 @@ class _ZeroEps(nn.Module):
 def test_defaults_are_the_official_settings():
     c = inspect.signature(stages.sample_stage_c).parameters
     b = inspect.signature(stages.sample_stage_b).parameters
+    # The official values themselves are stated once, in tests/pipeline/test_settings.py (from the SPEC).
     assert c["settings"].default is STAGE_C and b["settings"].default is STAGE_B
-    # The notebooks' values (SPEC §10): the one place the tests state them; everything else reads STAGE_C/B.
-    assert dataclasses.astuple(STAGE_C) == (20, 4.0, 2.0, "ddpm", 0.7, 1.0, "consistent")
-    assert dataclasses.astuple(STAGE_B) == (10, 1.1, 1.0, "ddpm", 0.0, 1.0, "consistent")
 
 
 def test_stage_c_then_b_shapes_and_seeds(stage_c, stage_b):
@@ -281,3 +279,88 @@ def test_memory_estimates_scale_with_batch_guidance_and_dtype(stage_c, stage_b):
     big_c = estimate_stage_c_memory(StageCConfig.big(), (4, 16, 24, 24), torch.bfloat16, guided=True)
     big_b = estimate_stage_b_memory(StageBConfig.big(), (4, 4, 256, 256), torch.bfloat16, guided=True)
     assert 100 * 2**20 < big_c < 4 * 2**30 and 500 * 2**20 < big_b < 8 * 2**30
+
+
+# ---- settings and non-finite values at the stage boundaries ----------------------------------------------------
+
+
+class _CountingZeroEps(_ZeroEps):
+    def __init__(self, c_in: int) -> None:
+        super().__init__(c_in)
+        self.calls = 0
+
+    def forward(self, x, r, **cond):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"cfg": -3.0}, r"the Stage C sampler: cfg=-3\.0 is outside 0\.\.30"),
+    ({"cfg": float("nan")}, r"the Stage C sampler: cfg=nan is not a finite number"),
+    ({"steps": 500}, r"steps=500 is outside 1\.\.200"),
+    ({"shift": 0.0}, r"shift=0\.0 is outside 0\.1\.\.10"),
+])
+def test_the_api_refuses_what_the_nodes_refuse_before_sampling(changes, match):
+    net = _CountingZeroEps(16)
+    with pytest.raises(CascadeError, match=match):
+        stages.sample_stage_c(net, POS, NEG, torch.zeros(1, 16, 3, 3), _c(steps=2).replace(**changes), seed=0)
+    assert net.calls == 0
+    net_b = _CountingZeroEps(4)
+    with pytest.raises(CascadeError, match="the Stage B sampler: "):
+        stages.sample_stage_b(net_b, POS, NEG, torch.zeros(1, 16, 2, 2), torch.zeros(1, 4, 8, 8),
+                              _b(steps=2).replace(**changes), seed=0)
+    assert net_b.calls == 0
+
+
+class _NaNAfter(_ZeroEps):
+    """Predicts zeros for ``good`` calls, then NaN (a weight that overflows late, or NaN weights at once)."""
+
+    def __init__(self, c_in: int, dtype: torch.dtype, good: int = 0) -> None:
+        super().__init__(c_in)
+        self.anchor.data = self.anchor.data.to(dtype)
+        self.good, self.calls = good, 0
+
+    def forward(self, x, r, **cond):
+        self.calls += 1
+        out = torch.zeros_like(x)
+        return out if self.calls <= self.good else out + float("nan")
+
+
+@pytest.mark.parametrize("dtype,name,fix", [
+    (torch.float32, "fp32", "weights file may hold NaN"),
+    (torch.bfloat16, "bf16", "weights file may hold NaN"),
+    (torch.float16, "fp16", "weight_dtype bf16 or fp32"),
+])
+def test_stage_c_stops_at_the_first_non_finite_step_naming_stage_dtype_and_fix(dtype, name, fix):
+    net = _NaNAfter(16, dtype, good=2)
+    with pytest.raises(CascadeError, match=f"the Stage C sampler: .* at step 3 of 5 .*Stage C weights {name}") as err:
+        stages.sample_stage_c(net, POS, None, torch.zeros(1, 16, 3, 3), _c(steps=5, cfg=1.0), seed=0)
+    assert fix in str(err.value) and net.calls == 3  # stopped there, the two steps after it never ran
+    assert ("overflow" in str(err.value)) == (dtype == torch.float16)
+
+
+def test_stage_b_with_fp32_weights_never_blames_fp16():
+    net = _NaNAfter(4, torch.float32)
+    with pytest.raises(CascadeError, match="the Stage B sampler: .* step 1 of 2 .*Stage B weights fp32") as err:
+        stages.sample_stage_b(net, POS, None, torch.zeros(1, 16, 2, 2), torch.zeros(1, 4, 8, 8),
+                              _b(steps=2, cfg=1.0), seed=0)
+    assert "fp16" not in str(err.value) and "download it again" in str(err.value)
+
+
+def test_nan_conditioning_is_named_not_blamed_on_the_weights():
+    bad = _cond(1)
+    bad[0][1]["pooled_output"][0, 0] = float("nan")
+    with pytest.raises(CascadeError, match="the Stage C sampler: the positive clip_text_pooled .* NaN/inf"):
+        stages.sample_stage_c(_ZeroEps(16), bad, NEG, torch.zeros(1, 16, 3, 3), _c(steps=1), seed=0)
+    with pytest.raises(CascadeError, match="the Stage B sampler: the negative clip .* NaN/inf"):
+        stages.sample_stage_b(_ZeroEps(4), POS, bad, torch.zeros(1, 16, 2, 2), torch.zeros(1, 4, 8, 8),
+                              _b(steps=1), seed=0)
+
+
+def test_a_previewer_that_gives_nan_stops_sampling_with_its_name(stage_c):
+    previewer = _randomize(Previewer(PreviewerConfig.tiny()), 2)
+    with torch.no_grad():
+        next(previewer.parameters()).fill_(float("nan"))
+    with pytest.raises(CascadeError, match=r"the Previewer's live preview .* \(weights fp32\)"):
+        stages.sample_stage_c(stage_c, POS, NEG, torch.zeros(1, 16, 3, 3), _c(steps=2), seed=0,
+                              previewer=host.wrap(previewer, "previewer"))
