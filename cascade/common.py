@@ -23,6 +23,26 @@ from torch import nn
 LN_EPS = 1e-6
 GRN_EPS = 1e-6
 CHANNELS_LAST = torch.channels_last
+# fp16 mode (docs/FP16.md): with fp16 activations the U-Net carries its residual stream multiplied by this power of
+# two. Every read of the stream goes through a LayerNorm (eps scaled by s**2, so it is exactly scale-invariant) or
+# through a linear map whose result is rescaled inside the GEMM (``alpha``), so the outputs are unchanged in exact
+# arithmetic while the stream has 2**8 more headroom below fp16's 65504. 2**-8 was chosen from measurements.
+FP16_STREAM_SCALE = 2.0 ** -8
+
+
+def stream_scale(dtype: torch.dtype, setting: float | None) -> float | None:
+    """The residual-stream scale a forward in ``dtype`` uses: ``setting`` for fp16, None (today's path) otherwise.
+
+    ``setting`` is a network's ``fp16_stream_scale``: None turns the fp16 mode off (plain fp16).
+    """
+    if dtype != torch.float16 or setting is None:
+        return None
+    return float(setting)
+
+
+def _ln_eps(scale: float | None) -> float:
+    """LayerNorm eps for a stream carried at ``scale``: LN(s*x, eps*s^2) == LN(x, eps) exactly."""
+    return LN_EPS if scale is None else LN_EPS * scale * scale
 
 
 def resolve_ops(operations: ModuleType | SimpleNamespace | None) -> Any:
@@ -44,10 +64,10 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CHANNELS_LAST)
 
 
-def layer_norm_2d(x: torch.Tensor) -> torch.Tensor:
+def layer_norm_2d(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
     """Channel LayerNorm (no affine, eps 1e-6) of a (B, C, H, W) tensor; the result is channels_last."""
     h = nhwc(x)
-    return nchw(F.layer_norm(h, (h.shape[-1],), eps=LN_EPS))
+    return nchw(F.layer_norm(h, (h.shape[-1],), eps=eps))
 
 
 def resize_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -124,12 +144,41 @@ def linear_into(module: nn.Module, x: torch.Tensor, out: torch.Tensor | None) ->
     return torch.addmm(module.bias, x, module.weight.t(), out=out)
 
 
-def gelu_sum_of_squares_(x: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
+def _is_plain_conv(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when ``module`` computes exactly ``F.conv2d`` (zero padding) with weights usable as they are."""
+    return (
+        type(module).forward is nn.Conv2d.forward
+        and module.padding_mode == "zeros"
+        and module.weight.dtype == x.dtype
+        and module.weight.device == x.device
+    )
+
+
+def conv_on_stream(module: nn.Module, x: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``module(x)`` for a conv reading the residual stream carried at ``scale``: the bias is scaled too.
+
+    conv(s*x) = s*W*x + b, and the stream needs s*(W*x + b): a plain Conv2d gets ``b * s`` as its bias
+    (c values, exact for a power of two). A host's conv layer is called as it is and ``(s - 1) * b`` is added.
+    """
+    if scale is None or module.bias is None:
+        return module(x)
+    if _is_plain_conv(module, x):
+        return F.conv2d(x, module.weight, module.bias * scale, module.stride, module.padding, module.dilation,
+                        module.groups)
+    out = module(x)
+    return out.add_(module.bias.to(device=out.device, dtype=out.dtype), alpha=scale - 1.0)
+
+
+def gelu_sum_of_squares_(x: torch.Tensor, chunk_elems: int = 1 << 20, fp32_squares: bool = False) -> torch.Tensor:
     """GELU ``x`` (B, N, C) in place and return the per-(B, C) sum over tokens of the result squared.
 
     Works in ~4 MB slices so the squares are summed while the slice is still in cache: a strided
     reduction over the token axis (``vector_norm(dim=1)``) runs at a few GB/s on CPU, and
     ``(x * x).sum(1)`` needs a full-size temporary.
+
+    ``fp32_squares`` (the fp16 mode): square each slice in float32. In fp16 a value above 256 squares to inf,
+    the first overflow of a plain fp16 forward; this statistic is the documented exception to "casts only
+    toward the activation dtype" (a float32 copy of one 4 MB slice at a time; the result is float32 anyway).
     """
     bsz, n, c = x.shape
     rows = max(1, chunk_elems // c)
@@ -138,7 +187,11 @@ def gelu_sum_of_squares_(x: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.T
     for b in range(bsz):
         for s in range(0, n, rows):
             part = torch.ops.aten.gelu_(x[b, s : s + rows])
-            acc[b] += (part * part).sum(0, dtype=torch.float32)
+            if fp32_squares:
+                part = part.to(torch.float32)
+                acc[b] += part.mul_(part).sum(0)
+            else:
+                acc[b] += (part * part).sum(0, dtype=torch.float32)
     return acc
 
 
@@ -206,8 +259,12 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, x_skip: torch.Tensor | None = None, ws: Workspace | None = None,
-                inplace: bool = False) -> torch.Tensor:
-        """x (B, c, H, W), x_skip (B, c_skip, H, W) or None. ``inplace``: the result may overwrite ``x``."""
+                inplace: bool = False, res_scale: float | None = None) -> torch.Tensor:
+        """x (B, c, H, W), x_skip (B, c_skip, H, W) or None. ``inplace``: the result may overwrite ``x``.
+
+        ``res_scale`` (fp16 mode): ``x`` and ``x_skip`` are the residual stream times this factor; the result is
+        too. None: today's path.
+        """
         lin1, _, grn, drop, lin2 = self.channelwise
         if self.training:
             h = nhwc(self.depthwise(x))
@@ -218,16 +275,31 @@ class ResBlock(nn.Module):
         x = to_channels_last(x)
         bsz, c, height, width = x.shape
         tokens = height * width
-        h = nhwc(self.depthwise(x))
-        h = F.layer_norm(h, (c,), eps=LN_EPS)
-        if x_skip is not None:
-            skip = nhwc(to_channels_last(x_skip))
-            cat_out = ws.get("cat", (bsz, height, width, c + skip.shape[-1]), h) if ws is not None else None
-            h = torch.cat([h, skip], dim=-1, out=cat_out) if cat_out is not None else torch.cat([h, skip], dim=-1)
+        h = nhwc(self.depthwise(x) if res_scale is None else conv_on_stream(self.depthwise, x, res_scale))
+        h = F.layer_norm(h, (c,), eps=_ln_eps(res_scale))
         hidden = ws.get("hidden", (bsz * tokens, lin1.out_features), h) if ws is not None else None
-        h = linear_into(lin1, h.reshape(bsz * tokens, -1), hidden).view(bsz, tokens, -1)
+        if x_skip is not None and res_scale is not None and _is_plain_linear(lin1, h):
+            # fp16 mode: the skip is the stream at res_scale and enters lin1 unnormalised; its columns run as a
+            # second GEMM that undoes the scale in its accumulator (alpha), so no fp16 copy of skip / s is made.
+            skip = nhwc(to_channels_last(x_skip)).reshape(bsz * tokens, -1)
+            w = lin1.weight
+            if lin1.bias is None:
+                first = torch.mm(h.reshape(bsz * tokens, c), w[:, :c].t(), out=hidden)
+            else:
+                first = torch.addmm(lin1.bias, h.reshape(bsz * tokens, c), w[:, :c].t(), out=hidden)
+            h = first.addmm_(skip, w[:, c:].t(), alpha=1.0 / res_scale).view(bsz, tokens, -1)
+        else:
+            if x_skip is not None:
+                skip = nhwc(to_channels_last(x_skip))
+                if res_scale is not None:  # a host's Linear: undo the stream scale on the skip itself
+                    skip = skip * (1.0 / res_scale)
+                cat_out = ws.get("cat", (bsz, height, width, c + skip.shape[-1]), h) if ws is not None else None
+                h = torch.cat([h, skip], dim=-1, out=cat_out) if cat_out is not None else torch.cat([h, skip], dim=-1)
+            h = linear_into(lin1, h.reshape(bsz * tokens, -1), hidden).view(bsz, tokens, -1)
         # GELU in place; the 4c-wide tensor is the largest activation of the network.
-        scale, beta = grn.factors(gelu_sum_of_squares_(h), h.dtype)
+        scale, beta = grn.factors(gelu_sum_of_squares_(h, fp32_squares=res_scale is not None), h.dtype)
+        # The update joins the stream multiplied by the stream's scale, inside each GEMM's accumulator (alpha).
+        alpha = 1.0 if res_scale is None else res_scale
         out = x if inplace else x.clone(memory_format=CHANNELS_LAST)
         res = nhwc(out).view(bsz, tokens, c)
         if _is_plain_linear(lin2, h) and tokens >= c:
@@ -235,17 +307,17 @@ class ResBlock(nn.Module):
             # activation (tokens x 4c), and accumulate straight into the residual.
             # One 2-D GEMM per sample: CPU bmm may thread over the batch only, leaving a core idle at B=1.
             for b in range(bsz):
-                res[b].addmm_(h[b], (lin2.weight * scale[b]).t())
+                res[b].addmm_(h[b], (lin2.weight * scale[b]).t(), alpha=alpha)
             bias = torch.addmv(lin2.bias, lin2.weight, beta) if lin2.bias is not None else lin2.weight @ beta
-            res.add_(bias)
+            res.add_(bias, alpha=alpha)
         elif _is_plain_linear(lin2, h):
             torch.addcmul(beta, h, scale.unsqueeze(1), out=h)
-            res.view(-1, c).addmm_(h.view(-1, h.shape[-1]), lin2.weight.t())
+            res.view(-1, c).addmm_(h.view(-1, h.shape[-1]), lin2.weight.t(), alpha=alpha)
             if lin2.bias is not None:
-                res.add_(lin2.bias)
+                res.add_(lin2.bias, alpha=alpha)
         else:
             torch.addcmul(beta, h, scale.unsqueeze(1), out=h)
-            res.add_(lin2(h))
+            res.add_(lin2(h), alpha=alpha)
         return out
 
 
@@ -268,12 +340,16 @@ class TimestepBlock(nn.Module):
         for name in self.conds:
             setattr(self, f"mapper_{name}", ops.Linear(c_r, c * 2, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, inplace: bool = False,
+                res_scale: float | None = None) -> torch.Tensor:
+        """``res_scale`` (fp16 mode): ``x`` is the stream times this factor, so the shift ``b`` is scaled too."""
         chunks = t.chunk(len(self.conds) + 1, dim=1)
         ab = self.mapper(chunks[0])
         for name, chunk in zip(self.conds, chunks[1:]):
             ab = ab + getattr(self, f"mapper_{name}")(chunk)
         a, b = ab[:, None, None, :].chunk(2, dim=-1)
+        if res_scale is not None:
+            b = b * res_scale
         h = nhwc(to_channels_last(x))
         if inplace:
             return nchw(torch.addcmul(b, h, a + 1, out=h))
@@ -367,12 +443,16 @@ class AttnBlock(nn.Module):
         self.attention = _AttentionHolder(PackedMultiheadAttention(c, nhead, dtype, device, operations))
         self.kv_mapper = nn.Sequential(nn.SiLU(), ops.Linear(c_cond, c, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """x (B, c, H, W), kv (B, S, c_cond). ``inplace``: the result may overwrite ``x``."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, inplace: bool = False,
+                res_scale: float | None = None) -> torch.Tensor:
+        """x (B, c, H, W), kv (B, S, c_cond). ``inplace``: the result may overwrite ``x``.
+
+        ``res_scale`` (fp16 mode): ``x`` is the stream times this factor; the result is too.
+        """
         x = to_channels_last(x)
         bsz, c, height, width = x.shape
         kv = self.kv_mapper(kv)
-        q_in = F.layer_norm(nhwc(x), (c,), eps=LN_EPS).view(bsz, height * width, c)
+        q_in = F.layer_norm(nhwc(x), (c,), eps=_ln_eps(res_scale)).view(bsz, height * width, c)
         if self.self_attn:
             kv = torch.cat([q_in, kv], dim=1)
         attn = self.attention.attn
@@ -380,13 +460,14 @@ class AttnBlock(nn.Module):
         del q_in, kv
         out = x if inplace else x.clone(memory_format=CHANNELS_LAST)
         res = nhwc(out).view(-1, c)
+        alpha = 1.0 if res_scale is None else res_scale
         if _is_plain_linear(attn.out_proj, o):
             # The output projection accumulates straight into the residual stream.
-            res.addmm_(o, attn.out_proj.weight.t())
+            res.addmm_(o, attn.out_proj.weight.t(), alpha=alpha)
             if attn.out_proj.bias is not None:
-                res.add_(attn.out_proj.bias)
+                res.add_(attn.out_proj.bias, alpha=alpha)
         else:
-            res.add_(attn.out_proj(o))
+            res.add_(attn.out_proj(o), alpha=alpha)
         return out
 
 
@@ -395,7 +476,30 @@ class UNetCore(nn.Module):
 
     Subclasses build ``down_blocks``, ``down_downscalers``, ``down_repeat_mappers``, ``up_blocks``,
     ``up_upscalers`` and ``up_repeat_mappers`` with :meth:`_build_levels`, then call :meth:`_run_unet`.
+
+    ``fp16_stream_scale``: the fp16 mode (docs/FP16.md). With fp16 activations the residual stream is carried
+    times this power of two (default ``FP16_STREAM_SCALE``); None runs plain fp16. bf16/fp32 never use it.
     """
+
+    fp16_stream_scale: float | None = FP16_STREAM_SCALE
+
+    def _residual_scale(self, dtype: torch.dtype) -> float | None:
+        # Training runs the plain path (ResBlock's training branch has no scaled variant).
+        return None if self.training else stream_scale(dtype, self.fp16_stream_scale)
+
+    @staticmethod
+    def _level_change(mod: nn.Module, x: torch.Tensor, res_scale: float | None) -> torch.Tensor:
+        """A downscaler/upscaler (LN2d -> conv) on the stream; in fp16 mode its output joins the stream scale."""
+        if res_scale is None:
+            return mod(x)
+        if isinstance(mod, nn.Identity):
+            return x
+        if isinstance(mod, nn.Sequential) and isinstance(mod[0], LayerNorm2d):
+            h = layer_norm_2d(x, _ln_eps(res_scale))
+            for m in list(mod)[1:]:
+                h = m(h)
+            return h.mul_(res_scale)
+        return mod(x * (1.0 / res_scale)) * res_scale
 
     @staticmethod
     def _make_embedding(cfg: Any, dtype: Any, device: Any, ops: Any) -> nn.Sequential:
@@ -449,7 +553,10 @@ class UNetCore(nn.Module):
     def _repeat_mappers(c: int, repeat: int, dtype: Any, device: Any, ops: Any) -> nn.ModuleList:
         return nn.ModuleList([ops.Conv2d(c, c, kernel_size=1, dtype=dtype, device=device) for _ in range(repeat - 1)])
 
-    def _run_level(self, blocks: nn.ModuleList, x: torch.Tensor, r_embed, clip, cnet, ws, skip=None) -> torch.Tensor:
+    def _run_level(self, blocks: nn.ModuleList, x: torch.Tensor, r_embed, clip, cnet, ws, skip=None,
+                   res_scale: float | None = None) -> torch.Tensor:
+        # Keyword only when set, so the None path calls every block exactly as before the fp16 mode existed.
+        kw = {} if res_scale is None else {"res_scale": res_scale}
         for k, blk in enumerate(blocks):
             if isinstance(blk, ResBlock):
                 block_skip = skip if k == 0 else None
@@ -458,35 +565,38 @@ class UNetCore(nn.Module):
                 if cnet is not None:
                     extra = next(cnet, None)
                     if extra is not None:
-                        x = x + resize_like(extra.to(x.dtype), x.shape[-2:])
-                x = blk(x, block_skip, ws, inplace=True)
+                        extra = resize_like(extra.to(x.dtype), x.shape[-2:])
+                        x = x + (extra if res_scale is None else extra * res_scale)
+                x = blk(x, block_skip, ws, inplace=True, **kw)
             elif isinstance(blk, TimestepBlock):
-                x = blk(x, r_embed, inplace=True)
+                x = blk(x, r_embed, inplace=True, **kw)
             elif isinstance(blk, AttnBlock):
-                x = blk(x, clip, inplace=True)
+                x = blk(x, clip, inplace=True, **kw)
             else:
                 x = blk(x)
         return x
 
-    def _run_unet(self, x: torch.Tensor, r_embed: torch.Tensor, clip: torch.Tensor, cnet=None) -> torch.Tensor:
+    def _run_unet(self, x: torch.Tensor, r_embed: torch.Tensor, clip: torch.Tensor, cnet=None,
+                  res_scale: float | None = None) -> torch.Tensor:
+        """Down and up paths. ``res_scale``: ``x`` is the stream times this factor (fp16 mode), the result too."""
         cnet = iter(cnet) if cnet is not None else None
         ws = Workspace()
         level_outputs = []
         for blocks, downscaler, repmap in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
-            x = downscaler(x)
+            x = self._level_change(downscaler, x, res_scale)
             for n in range(len(repmap) + 1):
-                x = self._run_level(blocks, x, r_embed, clip, cnet, ws)
+                x = self._run_level(blocks, x, r_embed, clip, cnet, ws, res_scale=res_scale)
                 if n < len(repmap):
-                    x = to_channels_last(repmap[n](x))
+                    x = to_channels_last(conv_on_stream(repmap[n], x, res_scale))
             level_outputs.insert(0, x)
         x = level_outputs[0]
         for u, (blocks, upscaler, repmap) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
             skip = level_outputs[u] if u > 0 else None
             for n in range(len(repmap) + 1):
-                x = self._run_level(blocks, x, r_embed, clip, cnet, ws, skip)
+                x = self._run_level(blocks, x, r_embed, clip, cnet, ws, skip, res_scale=res_scale)
                 if n < len(repmap):
-                    x = to_channels_last(repmap[n](x))
+                    x = to_channels_last(conv_on_stream(repmap[n], x, res_scale))
             level_outputs[u] = None  # free the stored level output once its level is done
             del skip
-            x = upscaler(x)
+            x = self._level_change(upscaler, x, res_scale)
         return x

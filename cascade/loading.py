@@ -47,7 +47,11 @@ Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+           "BOOL": torch.bool}
+# float8 arrived in torch 2.1; on an older torch an fp8 file is refused by name (see read_header).
+_FP8_DTYPES = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+_DTYPES.update({name: getattr(torch, t) for name, t in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+                if hasattr(torch, t)})
 _DTYPES.update({name: getattr(torch, t) for name, t in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
                 if hasattr(torch, t)})
 # The integer buffers the towers (transformers CLIP) legitimately hold; the pack's own networks say theirs.
@@ -89,8 +93,7 @@ def _check_file(path: Path, kind: str | None) -> None:
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise _pickle_error(path, "the file is a PyTorch pickle (zip/pickle bytes) despite its name")
     if head.startswith(b"GGUF"):
-        raise CheckpointError(f"{path}: this is a GGUF (quantised) file; only safetensors are supported. "
-                              "Use the .safetensors release of this model.")
+        return  # read by cascade/quant/gguf_file.py
 
 
 def _open_safetensors(path: Path) -> Any:
@@ -114,6 +117,10 @@ def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for k in f.keys():
             s = f.get_slice(k)
             dtype = _DTYPES.get(s.get_dtype())
+            if dtype is None and s.get_dtype() in _FP8_DTYPES:
+                from .quant import fp8
+
+                fp8.torch_dtype(_FP8_DTYPES[s.get_dtype()])  # raises, naming the torch version needed
             if dtype is None:
                 raise CheckpointError(
                     f"{path}: tensor {k!r} has dtype {s.get_dtype()!r}, which this pack cannot read (expected one "
@@ -139,6 +146,15 @@ def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None, dty
         for k in names:
             out[k] = _cast(f.get_tensor(k), dtype, device)
     return out
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for a file starting with GGUF's magic (by content, not name)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _variant(p: Path) -> str:
@@ -229,34 +245,120 @@ class _Opened:
     header: dict[str, torch.Tensor]
     where: dict[str, Path] = field(default_factory=dict)
     sd: Mapping[str, torch.Tensor] | None = None
+    # Quantized weights (a GGUF, an fp8 file, QTensors in a dict): they keep their storage, whatever ``dtype``.
+    quantized: bool = False
+    scales: dict[str, str] = field(default_factory=dict)  # fp8 weight key -> its scale's key
 
     def read(self, keys: list[str], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:
         """The tensors of ``keys`` (floating ones in ``dtype``), refused if any holds a NaN or inf."""
         if self.sd is not None:
             out = {k: _cast(self.sd[k], dtype, device) for k in keys}
             check_finite(self.name, out, lambda k: self.sd[k])
+            _check_finite_quantized(self.name, out)
             return out
         by_file: dict[Path, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.where[k], []).append(k)
+            if k in self.scales:
+                by_file[self.where[k]].append(self.scales[k])
         out = {}
         for f, ks in by_file.items():
-            part = read_safetensors(f, ks, dtype, device)
+            part = read_safetensors(f, ks, None if self.quantized else dtype, device)
             # Checked file by file, so the message names the shard that holds the bad tensor.
             check_finite(str(f), part, lambda k, f=f: read_safetensors(f, [k])[k])
             out.update(part)
+        if self.quantized:
+            out = _wrap_fp8(self.name, out, self.scales, dtype, device)
         return out
 
 
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    """A shape-and-dtype-only copy; a quantized tensor shows its logical shape and the dtype it expands to."""
+    from .quant.ops import QTensor
+
+    dtype = t.logical_dtype if isinstance(t, QTensor) else t.dtype
+    return torch.empty(t.shape, dtype=dtype, device="meta")
+
+
+def _wrap_fp8(name: str, tensors: dict[str, torch.Tensor], scales: Mapping[str, str], dtype: torch.dtype | None,
+              device: Any) -> dict[str, torch.Tensor]:
+    """float8 tensors (with their scales) as QTensors; the other floating ones cast to ``dtype``."""
+    from .quant import fp8
+
+    # What a plain expansion gives: the precision of the tensors kept dense (bf16 in the pack's own files).
+    dense = [t.dtype for t in tensors.values() if t.is_floating_point() and t.dtype.itemsize > 1]
+    default = dtype or (max(set(dense), key=dense.count) if dense else torch.bfloat16)
+    out: dict[str, torch.Tensor] = {}
+    scale_keys = set(scales.values())
+    for k, t in tensors.items():
+        if k in scale_keys:
+            continue
+        if t.is_floating_point() and t.dtype.itemsize == 1:
+            scale = None
+            if k in scales:
+                s = tensors[scales[k]]
+                if s.numel() != 1 or not s.is_floating_point() or not bool(torch.isfinite(s).all()) or float(s) <= 0:
+                    raise CheckpointError(
+                        f"{name}: {scales[k]} (the scale of fp8 tensor {k}) is {s.flatten()[:4].tolist()} of shape "
+                        f"{tuple(s.shape)}; expected one finite positive float32 value. The file is damaged; download "
+                        "it again or convert it again (scripts/convert_weights.py)."
+                    )
+                scale = float(s)
+            out[k] = fp8.wrap(t, scale, default)
+        else:
+            out[k] = _cast(t, dtype, device)
+    return out
+
+
+def _check_finite_quantized(name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """NaN / inf in quantized tensors (their block scales), one expansion at a time."""
+    from .quant.ops import QTensor
+
+    bad = [k for k, t in tensors.items() if isinstance(t, QTensor) and not bool(torch.isfinite(_finite_sum(
+        t.dense(torch.float32))))]
+    bad = [k for k in bad if _count_nonfinite(tensors[k].dense(torch.float32))]
+    if bad:
+        raise CheckpointError(
+            f"{name}: {len(bad)} quantized tensor(s) expand to NaN or infinite values, e.g. {bad[:4]} (a damaged "
+            "block scale). Expected finite weights; the file is damaged - download or convert it again."
+        )
+
+
+def _split_scales(header: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The fp8 weights' scale keys (removed from ``header``), by weight key."""
+    from .quant import fp8
+
+    scales = {}
+    for k, t in list(header.items()):
+        if t.is_floating_point() and t.dtype.itemsize == 1 and fp8.scale_key(k) in header:
+            scales[k] = fp8.scale_key(k)
+    for s in scales.values():
+        header.pop(s)
+    return scales
+
+
+def _open_gguf(path: Path, kind: str | None) -> _Opened:
+    from .quant import gguf_file
+
+    contents = gguf_file.read_gguf(path, f"{describe(kind)}: pick {_examples(kind)}" if kind in KINDS
+                                   else "a Stable Cascade GGUF (scripts/convert_weights.py writes them)")
+    header = {k: _meta(v) for k, v in contents.tensors.items()}
+    return _Opened(str(path), header, sd=contents.tensors, quantized=True)
+
+
 def _open(src: Source, kind: str | None, dtype: torch.dtype | None) -> _Opened:
+    if not isinstance(src, Mapping) and is_gguf(src):
+        return _open_gguf(Path(src), kind)
     if isinstance(src, Mapping):
         wrong = [(k, type(v).__name__) for k, v in src.items() if not isinstance(v, torch.Tensor)]
         if wrong:
             raise CheckpointError(f"state dict: {len(wrong)} values are not tensors, e.g. (key, type) {wrong[:3]}; "
                                   "expected a str -> torch.Tensor mapping (safetensors.torch.load_file gives one).")
         # Detection and config inference run on shape-only copies, so converting them costs no memory.
-        header = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in src.items()}
-        return _Opened("state dict", header, sd=src)
+        from .quant.ops import QTensor
+
+        header = {k: _meta(v) for k, v in src.items()}
+        return _Opened("state dict", header, sd=src, quantized=any(isinstance(v, QTensor) for v in src.values()))
     path = Path(src)
     files = _resolve(path, kind, dtype)
     header: dict[str, torch.Tensor] = {}
@@ -267,6 +369,8 @@ def _open(src: Source, kind: str | None, dtype: torch.dtype | None) -> _Opened:
         where.update(dict.fromkeys(h, f))
     if not header:
         raise CheckpointError(f"{path}: the file holds no tensors. Download it again.")
+    if any(t.is_floating_point() and t.dtype.itemsize == 1 for t in header.values()):
+        return _Opened(str(path), header, where, quantized=True, scales=_split_scales(header))
     return _Opened(str(path), header, where)
 
 
@@ -342,8 +446,8 @@ def _read_dtype(opened: _Opened, keys: list[str], integer_ok: frozenset[str], dt
             f"floating-point weights, e.g. (tensor, file dtype) {bad[:4]}; expected float32, float16 or bfloat16. "
             "The file is damaged or was written by a converter that changed dtypes; download it again."
         )
-    if dtype is not None:
-        return dtype
+    if dtype is not None or opened.quantized:
+        return dtype  # quantized files mix storage types by design; dense tensors keep theirs
     census: dict[torch.dtype, int] = {}
     for k in keys:
         t = header[k]
@@ -457,9 +561,22 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], name: str, kind: str)
                               "has state that its files do not hold - report this as a bug.")
 
 
+def _quant_operations(operations: Any, opened: _Opened, quantize: str | None, kind: str) -> Any:
+    """Quantized weights need layers that expand them (cascade/quant/ops.py), whatever the caller passed."""
+    if not (opened.quantized or quantize) or getattr(operations, "dequantizes", False):
+        return operations
+    from .quant import OPS
+
+    if operations is not None:
+        log.info("ComfyUI-StableCascade: %s: %s has quantized weights; built with the pack's dequantizing layers "
+                 "instead of the given operations.", opened.name, describe(kind))
+    return OPS
+
+
 def _build_network(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None, device: Any,
-                   operations: Any) -> nn.Module:
+                   operations: Any, quantize: str | None = None) -> nn.Module:
     kind = part.kind
+    operations = _quant_operations(operations, opened, quantize, kind)
     cls, cfg_cls = KINDS[kind].classes()
     keys = _component_keys(det, part, opened.header)
     # Infer (and validate) the config and dtypes from the header first: a wrong file fails before gigabytes
@@ -477,6 +594,12 @@ def _build_network(opened: _Opened, det: Detected, part: Detected, dtype: torch.
     if dropped:
         log.warning("ComfyUI-StableCascade: %s: %d keys outside %s ignored, e.g. %s", opened.name, len(dropped),
                     describe(kind), dropped[:5])
+    if quantize:
+        from .quant import convert
+
+        sd = convert.fp8_state_dict(sd, quantize)
+    # Before assigning: quantized storage (uint8 blocks, float8) cannot be a parameter that requires grad.
+    model.requires_grad_(False)
     _assign(model, sd, opened.name, kind)
     return model.eval().requires_grad_(False)
 
@@ -495,12 +618,18 @@ def _build_tower(opened: _Opened, det: Detected, part: Detected, dtype: torch.dt
 
 
 def _build(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | None, device: Any,
-           operations: Any) -> nn.Module:
+           operations: Any, quantize: str | None = None) -> nn.Module:
+    if KINDS[part.kind].tower and (opened.quantized or quantize):
+        raise CheckpointError(
+            f"{opened.name}: {part.describe()} with {'quantized weights' if opened.quantized else quantize} is not "
+            "supported: fp8 and GGUF weights are for the pack's own networks (Stage C and Stage B above all); "
+            "the CLIP towers load from bf16/fp16/fp32 safetensors."
+        )
     try:
         if KINDS[part.kind].tower:
             model = _build_tower(opened, det, part, dtype, device)
         else:
-            model = _build_network(opened, det, part, dtype, device, operations)
+            model = _build_network(opened, det, part, dtype, device, operations, quantize)
     except (CascadeError, _OOM):
         raise
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError, AssertionError, ArithmeticError) as e:
@@ -517,28 +646,45 @@ def _build(opened: _Opened, det: Detected, part: Detected, dtype: torch.dtype | 
 
 
 def load(kind: str, src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
-         operations: Any = None) -> nn.Module:
+         operations: Any = None, quantize: str | None = None) -> nn.Module:
     """Build the ``kind`` network from a file, shard set, folder or state dict of any known layout.
 
     Wrong contents are a ``CheckpointError`` naming the file and tensor (integer dtypes, ranks and keys the
     inference reads, NaN / inf); mixed floating dtypes are converted to the dominant one with a warning (see
     the module docstring); ``dtype=`` casts every floating tensor.
+
+    Quantized weights (docs/QUANTIZED.md): a GGUF file or an fp8 safetensors file loads as stored (``dtype=``
+    then casts only the tensors kept dense), and ``quantize="fp8_e4m3fn"`` / ``"fp8_e5m2"`` stores the large
+    matrices of a dense file as fp8 while loading. Either way the network is built with ``cascade.quant.OPS``,
+    whose layers expand each weight to the activation dtype in ``forward``.
     """
-    opened = _open(src, kind, dtype)
+    if quantize is not None:
+        from .quant import fp8
+
+        fp8.torch_dtype(quantize)  # an unknown format or a torch without float8: refused before reading
+    opened = _open(src, kind, None if quantize else dtype)
     det, part = _find(opened, kind)
-    return _build(opened, det, part, dtype, device, operations)
+    return _build(opened, det, part, dtype, device, operations, quantize)
+
+
+def weight_format(src: Source) -> str:
+    """How a file stores its weights: 'gguf', 'fp8' (any float8 tensor) or 'dense', from its header only."""
+    if not isinstance(src, Mapping) and is_gguf(src):
+        return "gguf"
+    opened = _open(src, None, None)
+    return "fp8" if opened.quantized else "dense"
 
 
 def load_stage_c(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
-        operations: Any = None) -> nn.Module:
+        operations: Any = None, quantize: str | None = None) -> nn.Module:
     """Stage C (3.6B, 1B lite or any smaller variant) from any layout; see ``load``."""
-    return load("stage_c", src, dtype, device, operations)
+    return load("stage_c", src, dtype, device, operations, quantize)
 
 
 def load_stage_b(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
-        operations: Any = None) -> nn.Module:
+        operations: Any = None, quantize: str | None = None) -> nn.Module:
     """Stage B (1.5B, 700M lite or smaller) from any layout; see ``load``."""
-    return load("stage_b", src, dtype, device, operations)
+    return load("stage_b", src, dtype, device, operations, quantize)
 
 
 def load_stage_a(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
@@ -576,7 +722,7 @@ def load_clip_vision(src: Source, dtype: torch.dtype | None = None, device: Any 
 
 
 def load_packaged(src: Source, dtype: torch.dtype | None = None, device: Any = "cpu",
-                  operations: Any = None) -> dict[str, nn.Module]:
+                  operations: Any = None, quantize: str | None = None) -> dict[str, nn.Module]:
     """Every network a file holds, by kind (ComfyUI's stable_cascade_stage_c.safetensors gives stage_c,
     text_encoder, effnet, previewer and clip_vision; stable_cascade_stage_b.safetensors gives stage_b and
     stage_a). A single-module file gives a one-entry dict."""
@@ -593,5 +739,7 @@ def load_packaged(src: Source, dtype: torch.dtype | None = None, device: Any = "
             log.warning("ComfyUI-StableCascade: %s holds a second %s under %r; ignored.", opened.name,
                         describe(part.kind), part.prefix)
             continue
-        out[part.kind] = _build(opened, det, part, dtype, device, operations)
+        # fp8 at load applies to the U-Nets; the other parts of a packaged file load dense.
+        q = quantize if KINDS[part.kind].unet else None
+        out[part.kind] = _build(opened, det, part, dtype, device, operations, q)
     return out

@@ -211,6 +211,12 @@ class StageB(UNetCore):
         # The original casts effnet to float32 before resizing (autocast leftover); here it follows x's dtype.
         h = h.add_(_run_mapper(self.effnet_mapper, resize_like(effnet.to(dtype), size)))
         h = h.add_(resize_like(_run_mapper(self.pixels_mapper, pixels.to(dtype)), size))
-        h = self._run_unet(h, r_embed, kv)
-        h = self.clf[1](layer_norm_2d(h))
+        res_scale = self._residual_scale(dtype)
+        if res_scale is None:
+            h = self._run_unet(h, r_embed, kv)
+            h = self.clf[1](layer_norm_2d(h))
+        else:
+            # fp16 mode (docs/FP16.md): the stream runs at res_scale; clf's LayerNorm (eps * s^2) undoes it.
+            h = self._run_unet(h.mul_(res_scale), r_embed, kv, res_scale=res_scale)
+            h = self.clf[1](layer_norm_2d(h, LN_EPS * res_scale * res_scale))
         return self.clf[2](h).contiguous()

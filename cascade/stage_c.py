@@ -218,6 +218,12 @@ class StageC(UNetCore):
         clip = self._conditioning(clip_text, clip_text_pooled, clip_img, dtype)
         h = self.embedding[0](x)
         h = layer_norm_2d(self.embedding[1](to_channels_last(h)))
-        h = self._run_unet(h, r_embed, clip, cnet)
-        h = self.clf[1](layer_norm_2d(h))
+        res_scale = self._residual_scale(dtype)
+        if res_scale is None:
+            h = self._run_unet(h, r_embed, clip, cnet)
+            h = self.clf[1](layer_norm_2d(h))
+        else:
+            # fp16 mode (docs/FP16.md): the stream runs at res_scale; clf's LayerNorm (eps * s^2) undoes it.
+            h = self._run_unet(h.mul_(res_scale), r_embed, clip, cnet, res_scale=res_scale)
+            h = self.clf[1](layer_norm_2d(h, LN_EPS * res_scale * res_scale))
         return self.clf[2](h).contiguous()

@@ -3,6 +3,11 @@
 It offers what ComfyUI offers inside ComfyUI, small: a patcher (ComfyUI's ModelPatcher idea), a memory
 manager with a budget, devices, the free-memory query, model folders, progress and interruption.
 
+When a network does not fit the budget the manager streams it instead (as ComfyUI's low-VRAM mode does): the
+weights stay on the offload device with the patches written into them there, and each streaming unit (a U-Net
+block, or any other module with its own weights) has its weights copied to the compute device just before its
+forward and dropped right after it, so about one block's weights are on the compute device at a time.
+
 A patcher holds a network (shared with its clones) and a list of weight patches. ``patch()`` keeps an
 exact copy of every weight it changes and writes ``weight + sum(strength * delta)``; ``unpatch()`` puts the
 copies back bit for bit. Which patcher's patches are currently written into a shared network is recorded
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 # A patch is a delta tensor shaped like the weight, or a function of the (float32) weight returning one.
 PatchValue = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 _STATE_ATTR = "_scw_patch_state"
+_STREAM_ATTR = "_scw_stream_state"
 
 
 def module_size(module: nn.Module) -> int:
@@ -60,6 +66,101 @@ def _state(module: nn.Module) -> _SharedState:
         state = _SharedState()
         module.__dict__[_STATE_ATTR] = state
     return state
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A U-Net block streamed as one unit (parameters it reads outside a child's forward included)."""
+    from ..cascade.common import AttnBlock, ResBlock, TimestepBlock
+
+    return isinstance(module, (ResBlock, AttnBlock, TimestepBlock))
+
+
+def streaming_units(model: nn.Module) -> list[nn.Module]:
+    """The modules a streamed network moves one at a time: every U-Net block, and every other module that
+    holds parameters or buffers of its own (outside a block). Each is called as a module by the networks."""
+    units: list[nn.Module] = []
+
+    def walk(mod: nn.Module) -> None:
+        if _is_block(mod) or any(True for _ in mod.parameters(recurse=False)) or any(
+                True for _ in mod.buffers(recurse=False)):
+            units.append(mod)
+            return
+        for child in mod.children():
+            walk(child)
+
+    walk(model)
+    return units
+
+
+def _tensors_of(unit: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    out = []
+    for mod in unit.modules():
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                out.append((mod, name, t))
+    return out
+
+
+class _Streamer:
+    """Forward hooks that bring one unit's weights to the compute device for its forward, and its own accounting.
+
+    The offload copies are the parameters' own tensors (patches are written into them before streaming starts),
+    so a unit's forward sees exactly the patched weights and dropping them needs no copy back.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.units = streaming_units(model)
+        self.offloaded = {id(u): [(m, n, t.data) for m, n, t in _tensors_of(u)] for u in self.units}
+        self.unit_bytes = {id(u): sum(t.nelement() * t.element_size() for _, _, t in self.offloaded[id(u)])
+                           for u in self.units}
+        self.resident: dict[int, int] = {}  # id(unit) -> bytes now on the compute device
+        self.peak_resident = 0
+        self.loads = 0
+        self.handles = [model.register_forward_pre_hook(self._start)]
+        for u in self.units:
+            self.handles.append(u.register_forward_pre_hook(self._bring))
+            self.handles.append(u.register_forward_hook(self._drop))
+
+    def max_unit_bytes(self) -> int:
+        return max(self.unit_bytes.values(), default=0)
+
+    def _start(self, module: nn.Module, args: Any) -> None:
+        # A forward that raised left its unit on the device (no post-hook ran): drop it before the next one.
+        for uid in list(self.resident):
+            self._restore(uid)
+
+    def _bring(self, unit: nn.Module, args: Any) -> None:
+        for mod, name, t in self.offloaded[id(unit)]:
+            getattr(mod, name).data = t.to(self.device, non_blocking=True)
+        self.resident[id(unit)] = self.unit_bytes[id(unit)]
+        self.peak_resident = max(self.peak_resident, sum(self.resident.values()))
+        self.loads += 1
+
+    def _restore(self, uid: int) -> None:
+        for mod, name, t in self.offloaded[uid]:
+            getattr(mod, name).data = t
+        self.resident.pop(uid, None)
+
+    def _drop(self, unit: nn.Module, args: Any, output: Any) -> None:
+        self._restore(id(unit))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for uid in list(self.offloaded):
+            self._restore(uid)
+
+
+def streamer_of(model: nn.Module) -> _Streamer | None:
+    """The streaming hooks on ``model`` (None: it is loaded whole or offloaded)."""
+    return model.__dict__.get(_STREAM_ATTR)
+
+
+def stop_streaming(model: nn.Module) -> None:
+    streamer = model.__dict__.pop(_STREAM_ATTR, None)
+    if streamer is not None:
+        streamer.remove()
 
 
 @dataclass(frozen=True)
@@ -112,12 +213,21 @@ class BuiltinPatcher:
         """True when this patcher's current patches are the ones written into the network."""
         return _state(self.model).applied == (id(self), self.version)
 
-    def patch(self, device: torch.device | None = None) -> nn.Module:
-        """Move the network to ``device`` (default: the load device) with exactly this patcher's patches."""
+    def patch(self, device: torch.device | None = None, stream: bool = False) -> nn.Module:
+        """Move the network to ``device`` (default: the load device) with exactly this patcher's patches.
+
+        ``stream``: keep the weights on the offload device (patched there) and bring each streaming unit to
+        ``device`` only for its forward.
+        """
         target = torch.device(device) if device is not None else self.load_device
         if not self.is_patched():
             self.unpatch()
-        self.model.to(target)
+        current = streamer_of(self.model)
+        if current is not None and not (stream and current.device == target):
+            stop_streaming(self.model)
+        self.model.to(self.offload_device if stream else target)
+        if stream and streamer_of(self.model) is None:
+            self.model.__dict__[_STREAM_ATTR] = _Streamer(self.model, target)
         if self.is_patched():
             return self.model
         state = _state(self.model)
@@ -180,10 +290,17 @@ class BuiltinManager:
             return 1 << 62
 
     def used(self) -> int:
-        return sum(p.model_size() for p in self.resident)
+        return sum(self.resident_size(p) for p in self.resident)
+
+    @staticmethod
+    def resident_size(patcher: BuiltinPatcher) -> int:
+        """Compute-device bytes of a resident network: all of it, or one streaming unit when streamed."""
+        streamer = streamer_of(patcher.model)
+        return streamer.max_unit_bytes() if streamer is not None else patcher.model_size()
 
     def evict(self, patcher: BuiltinPatcher) -> None:
         patcher.unpatch()
+        stop_streaming(patcher.model)
         patcher.model.to(patcher.offload_device)
         self.resident = [p for p in self.resident if p.model is not patcher.model]
         log.debug("ComfyUI-StableCascade: offloaded %s", type(patcher.model).__name__)
@@ -199,14 +316,34 @@ class BuiltinManager:
                 if self.used() + need <= budget:
                     break
                 self.evict(victim)
+            # Still too big: stream the largest streamable incoming networks (each then needs about one block).
+            streamed: set[int] = set()
+            for p in sorted(patchers, key=lambda q: -incoming.get(id(q.model), 0)):
+                if self.used() + need <= budget:
+                    break
+                if id(p.model) in incoming and id(p.model) not in streamed and self.streamable(p):
+                    streamed.add(id(p.model))
+                    need -= incoming[id(p.model)] - max(
+                        (sum(t.nelement() * t.element_size() for _, _, t in _tensors_of(u))
+                         for u in streaming_units(p.model)), default=0)
             if self.used() + need > budget:
                 log.warning("ComfyUI-StableCascade: %.0f MiB needed (weights + activations) with %.0f MiB resident "
                             "exceeds the memory budget of %.0f MiB; loading anyway (set SCW_MEMORY_BUDGET to change)",
                             need / 2**20, self.used() / 2**20, budget / 2**20)
             for p in patchers:
                 self.resident = [q for q in self.resident if q.model is not p.model]
-                p.patch(p.load_device)
+                stream = id(p.model) in streamed or (id(p.model) not in incoming and streamer_of(p.model) is not None)
+                if stream:
+                    log.info("ComfyUI-StableCascade: %s (%.0f MiB) does not fit the budget of %.0f MiB; streaming "
+                             "it block by block from %s", type(p.model).__name__, p.model_size() / 2**20,
+                             budget / 2**20, p.offload_device)
+                p.patch(p.load_device, stream=stream)
                 self.resident.append(p)
+
+    @staticmethod
+    def streamable(patcher: BuiltinPatcher) -> bool:
+        """Networks made of U-Net blocks (Stage C, Stage B) are streamed; others always load whole."""
+        return any(_is_block(m) for m in patcher.model.modules())
 
     def release(self, patchers: Sequence[BuiltinPatcher]) -> None:
         with self.lock:
@@ -243,13 +380,13 @@ FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
     "vae": ("vae",), "checkpoints": ("checkpoints",), "controlnet": ("controlnet", "t2i_adapter"),
     "loras": ("loras",), "clip_vision": ("clip_vision",),
 }
-WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf")  # GGUF: quantized Stage C / Stage B (docs/QUANTIZED.md)
 # Files a model folder may hold that the pack will not read, and why; listed when a requested file is missing so
 # a user with only the .ckpt of a model learns why it is not offered.
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".pt2")
 _PICKLE_REASON = ("a PyTorch pickle: the pack never unpickles (opening one can run code) - convert it to "
                   ".safetensors or download the .safetensors release")
-_OTHER_REASONS = {".gguf": "a GGUF (quantised) file: the pack reads .safetensors / .sft only"}
+_OTHER_REASONS: dict[str, str] = {}
 # Not weights: ComfyUI's put_*_here placeholders, notes, configs and images beside the weights are not listed.
 _NOT_WEIGHTS = (".txt", ".md", ".json", ".yaml", ".yml", ".html", ".png", ".jpg", ".jpeg", ".webp", ".py",
                 ".lock", ".metadata", ".gitkeep", ".gitignore")
@@ -264,7 +401,7 @@ def refusal_reason(name: str) -> str | None:
     if low.endswith(PICKLE_EXTENSIONS):
         return _PICKLE_REASON
     ext = os.path.splitext(low)[1]
-    return _OTHER_REASONS.get(ext, f"an unknown extension ({ext or 'none'}): the pack reads .safetensors / .sft only")
+    return _OTHER_REASONS.get(ext, f"an unknown extension ({ext or 'none'}): the pack reads .safetensors / .sft / .gguf only")
 
 
 def refused_in(dirs: Sequence[str]) -> list[tuple[str, str]]:

@@ -199,6 +199,17 @@ class ComfyBackend:
         return refused_in(list(dirs))
 
 
+def _register_gguf(folder_paths: Any) -> None:
+    """Let ComfyUI list .gguf files in the diffusion-model folders (quantized Stage C / B), as ComfyUI-GGUF does
+    for its own loaders: the extension is added to those folders' entries in ComfyUI's folder registry."""
+    registry = getattr(folder_paths, "folder_names_and_paths", {})
+    for name in ("diffusion_models", "unet"):
+        if name in registry:
+            paths, extensions = registry[name]
+            registry[name] = (paths, set(extensions) | {".gguf"})
+            getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
+
+
 def load() -> ComfyBackend | None:
     """The ComfyUI backend, or None when ComfyUI's modules cannot be imported (or ``SCW_NO_COMFY=1``)."""
     if os.environ.get("SCW_NO_COMFY") == "1":
@@ -214,6 +225,7 @@ def load() -> ComfyBackend | None:
         from comfy.cli_args import args
     except ImportError:
         return None
+    _register_gguf(folder_paths)
     return ComfyBackend(SimpleNamespace(
         mm=comfy.model_management, patcher=comfy.model_patcher, ops=comfy.ops,
         callbacks=comfy.patcher_extension.CallbacksMP, utils=comfy.utils,

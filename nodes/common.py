@@ -14,9 +14,18 @@ from ..samplers.sampling import SAMPLERS
 ROOT_CATEGORY = "stable_cascade_wurst"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 DEMO_CHOICE = "(tiny random demo)"
-WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+# fp16: for GPUs without bf16; Stage C/B then run their fp16 mode (a scaled residual stream, docs/FP16.md).
+WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp8 choices are a storage format, not a compute dtype: the large matrices are stored as float8 and expanded
+# to the activation dtype layer by layer (cascade/quant). Loaders act on the name (nodes/kinds.load_network);
+# None: the tensors kept dense keep the file's dtype.
+FP8_WEIGHTS = ("fp8_e4m3fn", "fp8_e5m2")
+WEIGHT_DTYPES.update(dict.fromkeys(FP8_WEIGHTS))
 _DTYPE_TIP = ("Weight dtype: 'default' keeps the file's dtype; 'bf16' halves memory (the release was trained in "
-              "bf16); 'fp32' for GPUs without bf16. fp16 is not offered: Stage C overflows in fp16.")
+              "bf16); 'fp32' for GPUs without bf16; 'fp8_e4m3fn'/'fp8_e5m2' store the large matrices as fp8 "
+              "(about half the bf16 memory), computed in bf16/fp32 layer by layer; GGUF and fp8 files load as "
+              "stored. 'fp16' for GPUs without bf16: Stage C/B run a scaled residual stream that stays finite in fp16 "
+              "(docs/FP16.md).")
 # "How to fix" endings for a missing model input, by the socket's model.
 FIX = {
     "stage_c": "connect SCW_StageCLoader (or the stage_c output of SCW_PackagedCheckpointLoader with the Stage C file)",
@@ -81,8 +90,11 @@ def seed_input(tooltip: str) -> tuple:
 
 
 def schedule_inputs(defaults: SamplingSettings, stage: str) -> dict:
-    """seed, steps, cfg, shift, sampler, rescale, denoise widgets with a stage's defaults; the ranges are
-    ``pipeline.settings.SETTING_RANGES``, the ones ``SamplingSettings.check()`` enforces."""
+    """seed, steps, cfg, shift, sampler, rescale, denoise, scheduler widgets with a stage's defaults; the ranges are
+    ``pipeline.settings.SETTING_RANGES``, the ones ``SamplingSettings.check()`` enforces. scheduler comes last so
+    that workflows saved before it keep their widget positions."""
+    from ..samplers.schedule import SCHEDULERS
+
     r = {name: {"min": low, "max": high} for name, (low, high) in SETTING_RANGES.items()}
     return {
         "seed": seed_input(f"Noise seed of {stage}; the same seed gives the same image on any device."),
@@ -93,13 +105,18 @@ def schedule_inputs(defaults: SamplingSettings, stage: str) -> dict:
         "shift": ("FLOAT", {"default": defaults.shift, **r["shift"], "step": 0.05,
                             "tooltip": "Noise schedule shift (logSNR - 2 ln shift); the official value is 2 for "
                                        "Stage C and 1 for Stage B."}),
-        "sampler": (list(SAMPLERS), {"default": defaults.sampler, "tooltip": "Sampler; ddpm is the official one."}),
+        "sampler": (list(SAMPLERS), {"default": defaults.sampler, "tooltip": (
+            "Sampler; ddpm is the official one (its output is the last predicted x0); the others are core's "
+            "k-diffusion samplers of the same names.")}),
         "rescale": ("FLOAT", {"default": defaults.rescale, **r["rescale"], "step": 0.01,
                               "tooltip": "CFG rescale (official 0.7 for both stages, GDF's cfg_rho): pulls the "
                                          "guided prediction's std back toward the conditional one."}),
         "denoise": ("FLOAT", {"default": defaults.denoise, **r["denoise"], "step": 0.01,
                               "tooltip": "1 samples from pure noise; lower starts from the input latent noised to "
                                          "this level (image-to-image); all steps run from there."}),
+        "scheduler": (list(SCHEDULERS), {"default": defaults.scheduler, "tooltip": (
+            "Noise levels the steps walk through: official is GDF's cosine schedule (linear in t); the others are "
+            "core's schedulers on the same schedule, ending at sigma 0.")}),
     }
 
 

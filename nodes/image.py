@@ -178,6 +178,7 @@ class StageCImageToImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         inputs = schedule_inputs(IMAGE_TO_IMAGE, "Stage C")
+        scheduler = inputs.pop("scheduler")  # after noising: workflows saved before it keep their widget positions
         inputs["denoise"] = ("FLOAT", {**inputs["denoise"][1], "default": IMAGE_TO_IMAGE.denoise,
                                        "tooltip": "Where sampling starts (the official t_start 0.8): lower keeps "
                                                   "more of the image."})
@@ -191,15 +192,16 @@ class StageCImageToImage:
                 "noising": (list(NOISING_MODES), {"default": IMAGE_TO_IMAGE.noising, "tooltip": (
                     "official: the notebook's recipe (noised with shift 1, a = 0.307 at 0.8); consistent: noised "
                     "with the sampler's shift (a = 0.159 at 0.8 with shift 2), replaces more of the image.")}),
+                "scheduler": scheduler,
             },
             "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."})},
         }
 
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
                shift: float, sampler: str, rescale: float, denoise: float, noising: str = "official",
-               previewer: Any = None) -> tuple[dict]:
+               previewer: Any = None, scheduler: str = IMAGE_TO_IMAGE.scheduler) -> tuple[dict]:
         model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
-        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise, noising)
+        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise, noising, scheduler)
         out = sample_stage_c(model, merge_entries(positive), merge_entries(negative), latent, settings, seed,
                              previewer=previewer)
         return (stage_latent(out, "c", latent),)

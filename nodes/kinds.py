@@ -19,7 +19,7 @@ from torch import nn
 from .. import host
 from ..cascade import kinds, loading
 from ..cascade.errors import WrongModelError
-from .common import DEMO_CHOICE, WEIGHT_DTYPES
+from .common import DEMO_CHOICE, FP8_WEIGHTS, WEIGHT_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,30 @@ def demo_network(kind: str, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 
+def operations_for(kind: str, path: Any, weight_dtype: str) -> dict[str, Any]:
+    """The layers to build ``kind`` with: the host's for dense weights; for fp8/GGUF weights (a quantized file,
+    or an fp8 weight dtype) the pack's dequantizing layers (``cascade.quant.OPS``), inside ComfyUI too, since
+    core's cast layers cannot expand GGML blocks or apply an fp8 scale (ComfyUI-GGUF does the same)."""
+    if not kinds.KINDS[kind].takes_operations:
+        return {}
+    if weight_dtype in FP8_WEIGHTS or loading.weight_format(path) != "dense":
+        from ..cascade.quant import OPS
+
+        return {"operations": OPS}
+    return {"operations": host.operations()}
+
+
 def load_network(kind: str, file_name: str, weight_dtype: str) -> Any:
-    """The handle of the ``kind`` network in ``file_name`` (or its demo network), built with the host's layers."""
+    """The handle of the ``kind`` network in ``file_name`` (or its demo network), built with the host's layers
+    (or the dequantizing ones for quantized weights, see ``operations_for``)."""
     dtype = WEIGHT_DTYPES[weight_dtype]
+    quantize = weight_dtype if weight_dtype in FP8_WEIGHTS else None
     if file_name == DEMO_CHOICE:
-        return host.wrap(demo_network(kind, dtype), kind)
-    extra = {"operations": host.operations()} if kinds.KINDS[kind].takes_operations else {}
+        module = demo_network(kind, dtype)
+        if quantize and kinds.KINDS[kind].takes_operations:
+            module = loading.load(kind, module.state_dict(), quantize=quantize)
+        return host.wrap(module, kind)
     with explained():
-        module = loading.load(kind, host.model_path(NODE_KINDS[kind].folders, file_name), dtype=dtype, **extra)
+        path = host.model_path(NODE_KINDS[kind].folders, file_name)
+        module = loading.load(kind, path, dtype=dtype, quantize=quantize, **operations_for(kind, path, weight_dtype))
     return host.wrap(module, kind)

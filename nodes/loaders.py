@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import host
 from ..cascade import loading
-from .common import DEMO_CHOICE, WEIGHT_DTYPES, Absent, category, dtype_input, file_choices, mappings
+from .common import DEMO_CHOICE, FP8_WEIGHTS, WEIGHT_DTYPES, Absent, category, dtype_input, file_choices, mappings
 from .kinds import NODE_KINDS, demo_network, explained, load_network
 
 CATEGORY = category("loaders")
@@ -43,16 +43,18 @@ class _ModuleLoader:
 
 class StageCLoader(_ModuleLoader):
     NODE_ID, KIND = "SCW_StageCLoader", "stage_c"
-    DESCRIPTION = ("Loads the Stage C prior (3.6B or 1B lite; original, diffusers or ComfyUI layout) from "
-                   "models/diffusion_models or models/unet.")
-    FILE_TIP = "A Stage C file, e.g. stage_c_bf16.safetensors or stage_c_lite_bf16.safetensors."
+    DESCRIPTION = ("Loads the Stage C prior (3.6B or 1B lite; original, diffusers or ComfyUI layout; bf16/fp32, fp8 or "
+                   "GGUF weights) from models/diffusion_models or models/unet.")
+    FILE_TIP = ("A Stage C file, e.g. stage_c_bf16.safetensors or stage_c_lite_bf16.safetensors, or an fp8/GGUF file "
+                "written by scripts/convert_weights.py.")
 
 
 class StageBLoader(_ModuleLoader):
     NODE_ID, KIND = "SCW_StageBLoader", "stage_b"
-    DESCRIPTION = ("Loads the Stage B decoder (1.5B or 700M lite; original, diffusers or ComfyUI layout) from "
-                   "models/diffusion_models or models/unet.")
-    FILE_TIP = "A Stage B file, e.g. stage_b_bf16.safetensors or stage_b_lite_bf16.safetensors."
+    DESCRIPTION = ("Loads the Stage B decoder (1.5B or 700M lite; original, diffusers or ComfyUI layout; bf16/fp32, fp8 "
+                   "or GGUF weights) from models/diffusion_models or models/unet.")
+    FILE_TIP = ("A Stage B file, e.g. stage_b_bf16.safetensors or stage_b_lite_bf16.safetensors, or an fp8/GGUF file "
+                "written by scripts/convert_weights.py.")
 
 
 class StageALoader(_ModuleLoader):
@@ -114,9 +116,11 @@ class PackagedCheckpointLoader:
         dtype = WEIGHT_DTYPES[weight_dtype]
         if file_name == DEMO_CHOICE:
             return tuple(host.wrap(demo_network(kind, dtype), kind) for kind in PACKAGED_OUTPUTS)
+        quantize = weight_dtype if weight_dtype in FP8_WEIGHTS else None
         with explained():
+            # The U-Nets are built with the dequantizing layers when fp8 is asked for (loading swaps them in).
             found = loading.load_packaged(host.model_path(self.FOLDERS, file_name), dtype=dtype,
-                                          operations=host.operations())
+                                          operations=host.operations(), quantize=quantize)
         holds = ", ".join(sorted(found)) or "nothing usable"
         return tuple(host.wrap(found[kind], kind) if kind in found else Absent(kind, file_name, holds)
                      for kind in PACKAGED_OUTPUTS)

@@ -41,9 +41,10 @@ class StageCSampler:
         }
 
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
-               shift: float, sampler: str, rescale: float, denoise: float, previewer: Any = None) -> tuple[dict]:
+               shift: float, sampler: str, rescale: float, denoise: float, previewer: Any = None,
+               scheduler: str = STAGE_C.scheduler) -> tuple[dict]:
         model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
-        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise)
+        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise, scheduler=scheduler)
         out = sample_stage_c(model, merge_entries(positive), merge_entries(negative), latent, settings, seed,
                              previewer=previewer)
         return (stage_latent(out, "c", latent),)
@@ -71,9 +72,10 @@ class StageBSampler:
         }}
 
     def sample(self, stage_b: Any, positive: list, negative: list, stage_c: dict, latent: dict, seed: int,
-               steps: int, cfg: float, shift: float, sampler: str, rescale: float, denoise: float) -> tuple[dict]:
+               steps: int, cfg: float, shift: float, sampler: str, rescale: float, denoise: float,
+               scheduler: str = STAGE_B.scheduler) -> tuple[dict]:
         model = require(stage_b, "stage_b", self.NODE_ID, "a Stage B model", FIX["stage_b"])
-        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise)
+        settings = SamplingSettings(steps, cfg, shift, sampler, rescale, denoise, scheduler=scheduler)
         out = sample_stage_b(model, merge_entries(positive), merge_entries(negative), stage_c, latent, settings, seed)
         return (stage_latent(out, "b", latent),)
 
@@ -99,12 +101,14 @@ class CascadeSampler:
             "stage_b_latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
             "seed": c["seed"], "sampler": c["sampler"],
             "c_steps": c["steps"], "c_cfg": c["cfg"], "b_steps": b["steps"], "b_cfg": b["cfg"],
+            "scheduler": c["scheduler"],
         }}
 
     def sample(self, stage_c_model: Any, stage_b_model: Any, positive: list, negative: list, stage_c_latent: dict,
                stage_b_latent: dict, seed: int, sampler: str, c_steps: int, c_cfg: float, b_steps: int,
-               b_cfg: float) -> tuple[dict, dict]:
-        common = {"positive": positive, "negative": negative, "seed": seed, "sampler": sampler, "denoise": 1.0}
+               b_cfg: float, scheduler: str = STAGE_C.scheduler) -> tuple[dict, dict]:
+        common = {"positive": positive, "negative": negative, "seed": seed, "sampler": sampler, "denoise": 1.0,
+                  "scheduler": scheduler}
         (prior,) = StageCSampler().sample(stage_c_model, latent=stage_c_latent, steps=c_steps, cfg=c_cfg,
                                           shift=STAGE_C.shift, rescale=STAGE_C.rescale, **common)
         (decoded,) = StageBSampler().sample(stage_b_model, stage_c=prior, latent=stage_b_latent, steps=b_steps,

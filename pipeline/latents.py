@@ -103,8 +103,8 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 def nonfinite_fix(dtype: torch.dtype | None) -> str:
     """What to do about NaN/inf coming out of a network whose weights are ``dtype``."""
     if dtype == torch.float16:
-        return ("fp16 overflows in these networks: load the model with weight_dtype bf16 or fp32 (or a bf16/fp32 "
-                "file)")
+        return ("fp16 overflowed (Stage C and Stage B run fp16 with a scaled residual stream, docs/FP16.md, but these "
+                "values still left its range): load the model with weight_dtype bf16 or fp32 (or a bf16/fp32 file)")
     return ("the weights file may hold NaN/inf values (a broken download or conversion): download it again or "
             "check it (every tensor finite), and check what was applied to it (a LoRA at a very high strength)")
 

@@ -18,6 +18,7 @@ from typing import Any
 from ..cascade.errors import CascadeError
 from ..samplers.img2img import noise_shift
 from ..samplers.sampling import SAMPLERS
+from ..samplers.schedule import DEFAULT_SCHEDULER, SCHEDULERS
 
 # field -> (min, max), inclusive. steps is an integer; the others are floats.
 SETTING_RANGES: dict[str, tuple[float, float]] = {
@@ -61,7 +62,8 @@ class SamplingSettings:
     """Schedule and guidance of one sampling run.
 
     ``denoise`` is t_start (1: from pure noise); ``noising`` how an input latent is noised to it when
-    ``denoise < 1`` (``samplers.img2img``: "official" or "consistent").
+    ``denoise < 1`` (``samplers.img2img``: "official" or "consistent"); ``scheduler`` which logSNRs the steps
+    walk through (``samplers.schedule.SCHEDULERS``; "official" is GDF's). Last so that positional calls keep working.
     """
 
     steps: int = 20
@@ -71,13 +73,17 @@ class SamplingSettings:
     rescale: float = 0.7
     denoise: float = 1.0
     noising: str = "consistent"
+    scheduler: str = DEFAULT_SCHEDULER
 
     def check(self, where: str = "") -> SamplingSettings:
-        """Raise a clear error for a value outside ``SETTING_RANGES`` (NaN and inf included) or a sampler
-        that does not exist; returns itself. ``where`` (e.g. "Stage C") starts the message."""
+        """Raise a clear error for a value outside ``SETTING_RANGES`` (NaN and inf included) or a sampler or
+        scheduler that does not exist; returns itself. ``where`` (e.g. "Stage C") starts the message."""
         prefix = f"{where}: " if where else ""
         if self.sampler not in SAMPLERS:
             raise CascadeError(f"{prefix}sampler {self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise CascadeError(f"{prefix}scheduler {self.scheduler!r} is unknown; choose one of {list(SCHEDULERS)} "
+                               f"({DEFAULT_SCHEDULER!r} is the official GDF schedule)")
         for name, (low, high) in SETTING_RANGES.items():
             check_number(getattr(self, name), name, low, high, integer=name in INTEGER_SETTINGS, where=where,
                          fix="the sampler nodes allow the same range")

@@ -2,7 +2,8 @@
 
 Each runner checks its inputs once, loads the network (and whatever rides on its handle, e.g. ControlNets)
 through ``host.using`` with an activation-memory estimate, builds the GDF schedule (``t_start = denoise``),
-draws the initial noise from the seed as ComfyUI does, runs the chosen sampler of ``samplers`` under
+draws the initial noise from the seed as ComfyUI does, runs the chosen sampler of ``samplers`` on the chosen
+scheduler's logSNRs (``official``: GDF's, the default) under
 classifier-free guidance, reports progress (with Previewer images for Stage C), checks for interruption
 every step, and returns the last predicted x0 (the official output). Stage B latents are in core's ``SC_B``
 storage (official x 0.43): they are divided by 0.43 going in and multiplied coming out.
@@ -26,7 +27,7 @@ from ..cascade.stage_a import SCALE_FACTOR
 from ..samplers import img2img, schedule
 from ..samplers.guidance import CFGDenoiser
 from ..samplers.noise import make_noise_sampler, prepare_noise
-from ..samplers.sampling import SAMPLERS, add_noise
+from ..samplers.sampling import SAMPLERS, add_noise, sampler_schedule
 from . import conditioning as cond_io
 from .latents import batch_index as batch_index_of
 from .latents import check_pair, dtype_name, finite_output, latent_samples, nonfinite_fix
@@ -75,7 +76,7 @@ def _run(dev: torch.device, network_fn: Callable[..., torch.Tensor], cond: dict,
          preview: Callable[[torch.Tensor], torch.Tensor] | None, stage: str,
          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     s = settings
-    logsnrs = schedule.logsnr_schedule(int(s.steps), shift=float(s.shift), t_start=float(s.denoise)).to(dev)
+    logsnrs = sampler_schedule(s.sampler, s.scheduler, int(s.steps), float(s.shift), float(s.denoise)).to(dev)
     noise = prepare_noise(x0_in.float(), seed, batch_index).to(dev)
     x = initial_state(x0_in.float().to(dev), noise, logsnrs, float(s.denoise), s.noising)
     model = CFGDenoiser(network_fn, cond, uncond, cfg=s.cfg, rescale=s.rescale)

@@ -1,6 +1,6 @@
 """The standalone command line:
 
-    python headless.py WORKFLOW.json [--models DIR] [--out PNG] [--seed N] [-v]
+    python headless.py WORKFLOW.json [--models DIR] [--out PNG] [--seed N] [--vram 6G] [-v]
 
 (``headless.py`` at the repo root only loads the pack as a package and calls ``main``.)
 
@@ -25,7 +25,9 @@ import logging
 import os
 import sys
 
+from .. import host
 from ..cascade.errors import CascadeError
+from ..host.builtin import parse_bytes
 from .executor import NodeError, WorkflowError, run_workflow
 
 log = logging.getLogger("comfyui_stablecascade.standalone")
@@ -43,10 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-dir", help="images for LoadImage (default: the 'inputs' folder beside the "
                                             "workflow, else ./input)")
     parser.add_argument("--seed", type=int, help="override every seed widget of the workflow")
+    parser.add_argument("--vram", help="memory budget of the compute device, e.g. 6G or 7.5G (default: env "
+                                       "SCW_MEMORY_BUDGET, else 90%% of the GPU); Stage C/B that do not fit are "
+                                       "streamed block by block from the CPU")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (with tracebacks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.vram is not None:
+        try:
+            budget = parse_bytes(args.vram, "--vram")
+        except CascadeError as exc:
+            log.error("ComfyUI-StableCascade: %s", exc)
+            return EXIT_BAD_INPUT
+        if budget <= 0:
+            log.error("ComfyUI-StableCascade: --vram %s is not a positive size; give e.g. --vram 6G", args.vram)
+            return EXIT_BAD_INPUT
+        host.set_memory_budget(budget)
     if args.models and not os.path.isdir(args.models):
         log.error("ComfyUI-StableCascade: --models %s is not a folder; give ComfyUI's models folder (the one holding "
                   "diffusion_models/, vae/, text_encoders/...)", args.models)

@@ -171,6 +171,13 @@ def _widget_values(node: Mapping, cls: type) -> dict[str, Any]:
     if isinstance(values, Mapping):
         return {k: v for k, v in values.items() if k in input_specs(cls)}
     slots = widget_slots(cls)
+    missing = slots[len(values):]
+    specs = input_specs(cls)
+    if missing and all("default" in _spec_type_and_options(specs.get(name))[1] for name in missing):
+        # A workflow saved before a node gained trailing widgets: as the frontend, they keep their defaults.
+        log.info("ComfyUI-StableCascade: node %s (%s) was saved without the widgets %s; using their defaults",
+                 node["id"], node["type"], missing)
+        values = [*values, *(_spec_type_and_options(specs[name])[1]["default"] for name in missing)]
     if len(values) != len(slots):
         raise WorkflowError(
             f"node {node['id']} ({node['type']}): {len(values)} widget values {list(values)!r} for {len(slots)} "

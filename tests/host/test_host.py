@@ -231,7 +231,7 @@ def _folder_with_refused_files(root):
 
 
 REFUSED = [("stage_c.ckpt", "PyTorch pickle"), ("stage_c.onnx", "unknown extension (.onnx)"),
-           ("stage_c_q4.gguf", "GGUF"), ("sub/stage_b.pt", "PyTorch pickle")]
+           ("sub/stage_b.pt", "PyTorch pickle")]
 
 
 def _assert_lists_refused(message: str) -> None:
@@ -245,8 +245,8 @@ def _assert_lists_refused(message: str) -> None:
 def test_missing_file_message_lists_the_files_the_pack_refuses_and_why(tmp_path):
     _folder_with_refused_files(tmp_path)
     host.set_models_dir(str(tmp_path))
-    assert host.model_files(["diffusion_models"]) == []
-    assert [name for name, _ in host.BACKEND.refused_files(["unet"])] == [
+    assert host.model_files(["diffusion_models"]) == ["stage_c_q4.gguf"]  # GGUF is read (Stage C / B)
+    assert [name for name, _ in host.refused_files(["unet"])] == [
         name for name, _ in REFUSED]
     with pytest.raises(CheckpointError, match=r"'stage_c\.safetensors' was not found") as err:
         host.model_path(["diffusion_models", "unet"], "stage_c.safetensors")
@@ -283,7 +283,7 @@ def test_comfyui_backend_lists_refused_files_the_same_way(tmp_path):
             return [str(base)]
 
     backend = comfyui.ComfyBackend(SimpleNamespace(folder_paths=FolderPaths))
-    assert backend.model_files(["diffusion_models", "unet"]) == []
+    assert backend.model_files(["diffusion_models", "unet"]) == ["stage_c_q4.gguf"]
     assert backend.refused_files(["diffusion_models", "unet"]) == builtin.refused_in([str(base)])
     with pytest.raises(CheckpointError, match=r"'stage_c\.safetensors' was not found in models/diffusion_models/") \
             as err:

@@ -107,7 +107,8 @@ def test_loader_folders_and_dtype_option():
     assert loaders.StageALoader.FOLDERS == loaders.EffNetLoader.FOLDERS == loaders.PreviewerLoader.FOLDERS == ("vae",)
     assert loaders.TextEncoderLoader.FOLDERS == ("text_encoders", "clip")
     assert loaders.PackagedCheckpointLoader.FOLDERS == ("checkpoints",)
-    assert _all_inputs(loaders.StageCLoader)["weight_dtype"][0] == ["default", "bf16", "fp32"]
+    assert _all_inputs(loaders.StageCLoader)["weight_dtype"][0] == list(common.WEIGHT_DTYPES)
+    assert set(common.WEIGHT_DTYPES) == {"default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"}
 
 
 # ---- latents ----------------------------------------------------------------------------------------

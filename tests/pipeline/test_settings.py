@@ -24,11 +24,15 @@ from comfyui_stablecascade.pipeline.settings import SETTING_RANGES
 # - lines 301 and 309 (section 10.3): GDF.sample's default cfg_rho=0.7, "used by all notebooks" - the official
 #   Stage B sampling (train_b.py's sampling_configs) sets cfg, sampler, shift and timesteps only, so Stage B
 #   keeps it too;
-# - line 336 (image-to-image): Stage C int(20 * 0.8) = 16 steps from t_start 0.8.
+# - line 336 (image-to-image): Stage C int(20 * 0.8) = 16 steps from t_start 0.8;
+# - section 10.1: the steps walk GDF's own schedule, linspace(t_start, 0) in t (the "official" scheduler).
 OFFICIAL = {
-    "stage_c": {"steps": 20, "cfg": 4.0, "shift": 2.0, "sampler": "ddpm", "rescale": 0.7, "denoise": 1.0},
-    "stage_b": {"steps": 10, "cfg": 1.1, "shift": 1.0, "sampler": "ddpm", "rescale": 0.7, "denoise": 1.0},
-    "image_to_image": {"steps": 16, "cfg": 4.0, "shift": 2.0, "sampler": "ddpm", "rescale": 0.7, "denoise": 0.8},
+    "stage_c": {"steps": 20, "cfg": 4.0, "shift": 2.0, "sampler": "ddpm", "rescale": 0.7, "denoise": 1.0,
+                "scheduler": "official"},
+    "stage_b": {"steps": 10, "cfg": 1.1, "shift": 1.0, "sampler": "ddpm", "rescale": 0.7, "denoise": 1.0,
+                "scheduler": "official"},
+    "image_to_image": {"steps": 16, "cfg": 4.0, "shift": 2.0, "sampler": "ddpm", "rescale": 0.7, "denoise": 0.8,
+                       "scheduler": "official"},
 }
 
 
@@ -37,6 +41,12 @@ OFFICIAL = {
 def test_the_packs_defaults_are_the_official_sampling_settings(name, settings):
     assert {k: getattr(settings, k) for k in OFFICIAL[name]} == OFFICIAL[name]
     assert settings.check() is settings
+
+
+def test_scheduler_is_the_last_field_so_positional_construction_keeps_its_meaning():
+    settings = SamplingSettings(20, 4.0, 2.0, "ddpm", 0.7, 1.0, "consistent")
+    assert settings == SamplingSettings() and settings.scheduler == "official"
+    assert [f.name for f in dataclasses.fields(SamplingSettings)][-1] == "scheduler"
 
 
 def test_the_ranges_hold_the_official_values_and_are_what_the_nodes_declare():
@@ -71,9 +81,12 @@ def test_check_accepts_both_ends_of_every_range(field):
     STAGE_B.replace(cfg=torch.tensor(2.0)).check()
 
 
-def test_check_names_an_unknown_sampler_and_noising():
-    with pytest.raises(CascadeError, match="sampler 'euler' is unknown"):
-        SamplingSettings(sampler="euler").check()
+def test_check_names_an_unknown_sampler_scheduler_and_noising():
+    with pytest.raises(CascadeError, match="sampler 'euler_a' is unknown"):
+        SamplingSettings(sampler="euler_a").check()
+    with pytest.raises(CascadeError, match="the Stage B sampler: scheduler 'cosine' is unknown; choose one of "
+                                           "\\['official', 'simple', 'karras'"):
+        STAGE_B.replace(scheduler="cosine").check("the Stage B sampler")
     with pytest.raises(CascadeError, match="official"):
         SamplingSettings(denoise=0.5, noising="sideways").check()
 

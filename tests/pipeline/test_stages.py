@@ -20,6 +20,7 @@ from comfyui_stablecascade.pipeline.conditioning import CLIP_IMG_KEY
 from comfyui_stablecascade.pipeline.memory import estimate_stage_b_memory, estimate_stage_c_memory
 from comfyui_stablecascade.samplers import schedule
 from comfyui_stablecascade.samplers.noise import prepare_noise
+from comfyui_stablecascade.samplers.sampling import SAMPLERS
 
 W = 32  # text width of the tiny networks
 
@@ -97,6 +98,23 @@ def test_stage_c_then_b_shapes_and_seeds(stage_c, stage_b):
     assert b.shape == (2, 4, 16, 16) and torch.isfinite(b).all()
     assert torch.equal(b, stages.sample_stage_b(stage_b, POS, NEG, out, torch.zeros(2, 4, 16, 16), _b(steps=2),
                                                 seed=5))
+
+
+def test_the_scheduler_reaches_the_sampler_and_the_default_is_gdfs(stage_c, monkeypatch):
+    seen = {}
+    real = SAMPLERS["euler"]
+
+    def recording(model, x, logsnrs, **kwargs):
+        seen["logsnrs"] = logsnrs.cpu()
+        return real(model, x, logsnrs, **kwargs)
+
+    monkeypatch.setitem(SAMPLERS, "euler", recording)
+    latent = torch.zeros(1, 16, 3, 3)
+    out = stages.sample_stage_c(stage_c, POS, NEG, latent, _c(steps=4, sampler="euler", scheduler="karras"), seed=1)
+    assert torch.isfinite(out).all()
+    assert torch.equal(seen["logsnrs"], schedule.SCHEDULERS["karras"](4, STAGE_C.shift, 1.0))
+    stages.sample_stage_c(stage_c, POS, NEG, latent, _c(steps=4, sampler="euler"), seed=1)
+    assert torch.equal(seen["logsnrs"], schedule.logsnr_schedule(4, STAGE_C.shift, 1.0))
 
 
 def test_latent_dict_batch_index_picks_the_noise(stage_c):
@@ -239,8 +257,10 @@ def test_wrong_network_nan_latent_and_bad_conditioning(stage_c, stage_b):
                               seed=0)
     with pytest.raises(CascadeError, match="2 entries"):
         stages.sample_stage_c(stage_c, POS + NEG, NEG, torch.zeros(1, 16, 3, 3), _c(steps=1), seed=0)
-    with pytest.raises(CascadeError, match="sampler"):
-        stages.sample_stage_c(stage_c, POS, NEG, torch.zeros(1, 16, 3, 3), _c(steps=1, sampler="euler"), seed=0)
+    with pytest.raises(CascadeError, match="sampler 'euler_a' is unknown"):
+        stages.sample_stage_c(stage_c, POS, NEG, torch.zeros(1, 16, 3, 3), _c(steps=1, sampler="euler_a"), seed=0)
+    with pytest.raises(CascadeError, match="scheduler 'cosine' is unknown"):
+        stages.sample_stage_c(stage_c, POS, NEG, torch.zeros(1, 16, 3, 3), _c(steps=1, scheduler="cosine"), seed=0)
 
 
 def test_stage_b_rejects_sizes_that_do_not_belong_together(stage_b):

@@ -182,7 +182,9 @@ def test_text_to_image_size_determinism_and_png_round_trip(empty_models, tmp_pat
 def test_seed_widgets_carry_a_control_value():
     slots = headless.widget_slots(NODE_CLASS_MAPPINGS["SCW_StageCSampler"])
     assert slots[:2] == ["seed", headless.CONTROL_WIDGET]
-    assert slots[2:] == ["steps", "cfg", "shift", "sampler", "rescale", "denoise"]
+    assert slots[2:] == ["steps", "cfg", "shift", "sampler", "rescale", "denoise", "scheduler"]
+    image_to_image = headless.widget_slots(NODE_CLASS_MAPPINGS["SCW_StageCImageToImage"])
+    assert image_to_image[-2:] == ["noising", "scheduler"]  # the new widget comes after every older one
 
 
 def test_api_prompt_maps_widgets_and_links():
@@ -230,17 +232,46 @@ def test_reroute_and_bypass_are_followed():
 def test_bad_widget_values_are_rejected_before_running(empty_models):
     wf = _load("text_to_image.json")
     sampler = next(n for n in wf["nodes"] if n["type"] == "SCW_StageCSampler")
-    sampler["widgets_values"][-1] = 0.0  # denoise
+    sampler["widgets_values"][7] = 0.0  # denoise
     with pytest.raises(headless.WorkflowError, match="input 'denoise': 0.0 is below the minimum 0.01"):
         headless.run_workflow(wf)
-    sampler["widgets_values"][-1] = 1.0
-    sampler["widgets_values"][5] = "euler"
-    with pytest.raises(headless.WorkflowError, match="'euler' is not one of"):
+    sampler["widgets_values"][7] = 1.0
+    sampler["widgets_values"][5] = "euler_a"
+    with pytest.raises(headless.WorkflowError, match="'euler_a' is not one of"):
         headless.run_workflow(wf)
     sampler["widgets_values"][5] = "ddpm"
-    sampler["widgets_values"].pop()
-    with pytest.raises(headless.WorkflowError, match="7 widget values .* for 8 widgets"):
+    sampler["widgets_values"][8] = "cosine"
+    with pytest.raises(headless.WorkflowError, match="input 'scheduler': 'cosine' is not one of"):
         headless.run_workflow(wf)
+    sampler["widgets_values"][8] = "official"
+    sampler["widgets_values"] += [1, 2]
+    with pytest.raises(headless.WorkflowError, match="11 widget values .* for 9 widgets"):
+        headless.run_workflow(wf)
+
+
+SCHEDULE_NODES = ("SCW_StageCSampler", "SCW_StageBSampler", "SCW_StageCImageToImage")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflows_saved_before_the_scheduler_widget_still_load(name):
+    """A workflow saved before the scheduler widget (one value fewer, at the end) runs with the default
+    scheduler, as the frontend loads it; the shipped files carry the value, as a current frontend saves them."""
+    wf = _load(name)
+    nodes = [n for n in wf["nodes"] if n["type"] in SCHEDULE_NODES]
+    assert nodes and all(n["widgets_values"][-1] == "official" for n in nodes)
+    old = copy.deepcopy(wf)
+    for node in old["nodes"]:
+        if node["type"] in SCHEDULE_NODES:
+            node["widgets_values"].pop()
+    assert headless.to_api_prompt(old, _classes()) == headless.to_api_prompt(wf, _classes())
+
+
+def test_missing_widget_values_without_a_default_are_still_refused():
+    wf = _load("text_to_image.json")
+    loader = next(n for n in wf["nodes"] if n["type"] == "SCW_StageCLoader")
+    loader["widgets_values"] = []  # file_name has no default
+    with pytest.raises(headless.WorkflowError, match="0 widget values .* for 2 widgets"):
+        headless.to_api_prompt(wf, _classes())
 
 
 class _Checked:
