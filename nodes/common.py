@@ -26,18 +26,6 @@ _DTYPE_TIP = ("Weight dtype: 'default' keeps the file's dtype; 'bf16' halves mem
               "(about half the bf16 memory), computed in bf16/fp32 layer by layer; GGUF and fp8 files load as "
               "stored. 'fp16' for GPUs without bf16: Stage C/B run a scaled residual stream that stays finite in fp16 "
               "(docs/FP16.md).")
-# "How to fix" endings for a missing model input, by the socket's model.
-FIX = {
-    "stage_c": "connect SCW_StageCLoader (or the stage_c output of SCW_PackagedCheckpointLoader with the Stage C file)",
-    "stage_b": "connect SCW_StageBLoader (or the stage_b output of SCW_PackagedCheckpointLoader with the Stage B file)",
-    "stage_a": "connect SCW_StageALoader (or the stage_a output of SCW_PackagedCheckpointLoader with the Stage B file)",
-    "effnet": "connect SCW_EffNetLoader (or the effnet output of SCW_PackagedCheckpointLoader with the Stage C file)",
-    "previewer": "connect SCW_PreviewerLoader (or the previewer output of SCW_PackagedCheckpointLoader with the "
-                 "Stage C file)",
-    "text_encoder": "connect SCW_TextEncoderLoader (or the text_encoder output of SCW_PackagedCheckpointLoader with "
-                    "the Stage C file)",
-    "clip_vision": "connect SCW_ClipVisionLoader (openai/clip-vit-large-patch14 in models/clip_vision)",
-}
 
 
 def category(family: str) -> str:

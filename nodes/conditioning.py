@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..pipeline.conditioning import text_conditioning
-from .common import FIX, category, mappings, require
+from .common import category, mappings, require
+from .kinds import FIX
 
 CATEGORY = category("conditioning")
 

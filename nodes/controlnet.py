@@ -22,8 +22,8 @@ from ..cascade.errors import CascadeError
 from ..model_patches import controlnet as controlnets
 from ..pipeline import controls
 from ..pipeline.images import input_pixels
-from .common import DEMO_CHOICE, FIX, WEIGHT_DTYPES, category, dtype_input, file_choices, mappings, require
-from .kinds import NODE_KINDS, load_network
+from .common import DEMO_CHOICE, WEIGHT_DTYPES, category, dtype_input, file_choices, mappings, require
+from .kinds import FIX, NODE_KINDS, load_network
 
 log = logging.getLogger(__name__)
 

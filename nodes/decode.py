@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..pipeline import images
-from .common import FIX, category, mappings, require
+from .common import category, mappings, require
+from .kinds import FIX
 
 CATEGORY = category("decode")
 

@@ -23,7 +23,8 @@ from ..pipeline import images as image_io
 from ..pipeline.conditioning import attach_image_embeds, merge_entries
 from ..pipeline.latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, latent_sizes, snap_size, stage_latent
 from ..samplers.img2img import NOISING_MODES
-from .common import FIX, category, mappings, require, schedule_inputs
+from .common import category, mappings, require, schedule_inputs
+from .kinds import FIX
 
 log = logging.getLogger(__name__)
 

@@ -29,21 +29,35 @@ class NodeKind:
     title: str  # display name of the loader node, without the " (SCW)" suffix
     folders: tuple[str, ...]  # ComfyUI model folders its files are listed from
     socket: str  # the socket type its loader returns
+    node_id: str = ""  # the loader node's id, for "connect ..." hints
+    packaged_in: str = ""  # which of ComfyUI's packaged checkpoints holds it ("Stage C" / "Stage B")
 
 
 _DIFFUSION, _VAE = ("diffusion_models", "unet"), ("vae",)
 NODE_KINDS: dict[str, NodeKind] = {
-    "stage_c": NodeKind("Load Stage C", _DIFFUSION, "SCW_STAGE_C"),
-    "stage_b": NodeKind("Load Stage B", _DIFFUSION, "SCW_STAGE_B"),
-    "stage_a": NodeKind("Load Stage A", _VAE, "SCW_STAGE_A"),
-    "effnet": NodeKind("Load EffNet Encoder", _VAE, "SCW_EFFNET"),
-    "previewer": NodeKind("Load Previewer", _VAE, "SCW_PREVIEWER"),
-    "text_encoder": NodeKind("Load Text Encoder", ("text_encoders", "clip"), "SCW_TEXT_ENCODER"),
-    "clip_vision": NodeKind("Load CLIP Vision", ("clip_vision",), "SCW_CLIP_VISION"),
-    "controlnet": NodeKind("Load ControlNet", ("controlnet",), "SCW_CONTROLNET"),
+    "stage_c": NodeKind("Load Stage C", _DIFFUSION, "SCW_STAGE_C", "SCW_StageCLoader", "Stage C"),
+    "stage_b": NodeKind("Load Stage B", _DIFFUSION, "SCW_STAGE_B", "SCW_StageBLoader", "Stage B"),
+    "stage_a": NodeKind("Load Stage A", _VAE, "SCW_STAGE_A", "SCW_StageALoader", "Stage B"),
+    "effnet": NodeKind("Load EffNet Encoder", _VAE, "SCW_EFFNET", "SCW_EffNetLoader", "Stage C"),
+    "previewer": NodeKind("Load Previewer", _VAE, "SCW_PREVIEWER", "SCW_PreviewerLoader", "Stage C"),
+    "text_encoder": NodeKind("Load Text Encoder", ("text_encoders", "clip"), "SCW_TEXT_ENCODER", "SCW_TextEncoderLoader",
+                             "Stage C"),
+    "clip_vision": NodeKind("Load CLIP Vision", ("clip_vision",), "SCW_CLIP_VISION", "SCW_ClipVisionLoader", "Stage C"),
+    "controlnet": NodeKind("Load ControlNet", ("controlnet",), "SCW_CONTROLNET", "SCW_ControlNetLoader"),
     "packaged": NodeKind("Load Packaged Checkpoint", ("checkpoints",), ""),
     "lora": NodeKind("Load Stage C LoRA", ("loras",), "SCW_STAGE_C"),
 }
+
+
+def fix_for(kind: str) -> str:
+    """The "how to fix" ending for a model input that got nothing: which node gives a ``kind``."""
+    entry = NODE_KINDS[kind]
+    where = (f" (or the {kind} output of SCW_PackagedCheckpointLoader with the {entry.packaged_in} file)"
+             if entry.packaged_in else "")
+    return f"connect {entry.node_id}{where}"
+
+
+FIX = {kind: fix_for(kind) for kind, entry in NODE_KINDS.items() if entry.node_id}
 
 
 def node_title(kind: str) -> str:

@@ -13,8 +13,8 @@ from .. import host
 from ..cascade.errors import CascadeError
 from ..cascade.lora_format import LoraFile, parse_lora, read_lora_file
 from ..model_patches import lora as lora_patches
-from .common import DEMO_CHOICE, FIX, category, file_choices, mappings, require
-from .kinds import NODE_KINDS, explained
+from .common import DEMO_CHOICE, category, file_choices, mappings, require
+from .kinds import FIX, NODE_KINDS, explained
 
 log = logging.getLogger(__name__)
 

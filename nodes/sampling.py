@@ -12,7 +12,8 @@ from typing import Any
 from ..pipeline import STAGE_B, STAGE_C, SamplingSettings, sample_stage_b, sample_stage_c
 from ..pipeline.conditioning import merge_entries
 from ..pipeline.latents import stage_latent
-from .common import FIX, category, conditioning_input, mappings, require, schedule_inputs
+from .common import category, conditioning_input, mappings, require, schedule_inputs
+from .kinds import FIX
 
 CATEGORY = category("sampling")
 
