@@ -1,6 +1,7 @@
 """Reading Stable Cascade weights in every layout people have, and building the networks from them.
 
-Files are safetensors only (a pickle is refused, never opened). What a file holds is told from its
+Files are safetensors (``files.py``: headers, shards, folders; a pickle is refused, never opened) or GGUF
+(``quant/``). What a file holds is told from its
 keys and shapes (``keymaps.detect``), its keys are converted to the original release's layout, the
 config is inferred from them (``<Config>.from_state_dict``), and the network is built on the meta
 device and given the file's tensors (``load_state_dict(assign=True)``): one copy in memory, in the
@@ -24,10 +25,8 @@ the tensor:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -35,7 +34,8 @@ from typing import Any, Mapping, Union
 import torch
 from torch import nn
 
-from . import keymaps, unet_keys
+from . import files, keymaps, unet_keys
+from .files import is_gguf, read_header, read_safetensors  # noqa: F401  (public API of loading)
 from .kinds import KINDS, PACKAGED_EXAMPLES, describe
 from .errors import CascadeError, CheckpointError, UnknownLayoutError, WrongModelError
 from .keymaps import Detected
@@ -44,194 +44,9 @@ log = logging.getLogger(__name__)
 
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-# float8 arrived in torch 2.1; on an older torch an fp8 file is refused by name (see read_header).
-_FP8_DTYPES = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
-_DTYPES.update({name: getattr(torch, t) for name, t in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-                if hasattr(torch, t)})
-_DTYPES.update({name: getattr(torch, t) for name, t in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
-                if hasattr(torch, t)})
 # The integer buffers the towers (transformers CLIP) legitimately hold; the pack's own networks say theirs.
 _TOWER_INTEGER_KEYS = frozenset({"position_ids"})
 _OOM = getattr(torch, "OutOfMemoryError", RuntimeError)
-_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
-_VARIANTS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-# ---- files -------------------------------------------------------------------------------------
-
-
-def _pickle_error(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: {why}. Pickle files can run arbitrary code when opened, so this pack reads safetensors only "
-        "and never unpickles. Download the .safetensors release of this model, or convert it to safetensors "
-        "yourself in an environment you trust (torch.load(..., weights_only=True) then "
-        "safetensors.torch.save_file)."
-    )
-
-
-def _examples(kind: str | None) -> str:
-    return KINDS[kind].examples if kind in KINDS else PACKAGED_EXAMPLES
-
-
-def _check_file(path: Path, kind: str | None) -> None:
-    if not path.exists():
-        what = KINDS[kind].description if kind in KINDS else "a Stable Cascade weights file"
-        raise CheckpointError(f"{path}: file not found. Expected {what} (e.g. {_examples(kind)}); check the path.")
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise _pickle_error(path, f"'{path.suffix}' files are PyTorch pickles")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path}: the file is empty (0 bytes); the download did not finish. Download it again.")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":  # a safetensors header: 8-byte length, then JSON (the length's bytes can be anything)
-        return
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise _pickle_error(path, "the file is a PyTorch pickle (zip/pickle bytes) despite its name")
-    if head.startswith(b"GGUF"):
-        return  # read by cascade/quant/gguf_file.py
-
-
-def _open_safetensors(path: Path) -> Any:
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # SafetensorError is not importable under a stable name
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({e}). It is truncated (an unfinished download) or not a "
-            "safetensors file at all. Download it again."
-        ) from None
-
-
-def read_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Key -> meta tensor of the file's shape and dtype, reading only the header."""
-    path = Path(path)
-    _check_file(path, None)
-    with _open_safetensors(path) as f:
-        out = {}
-        for k in f.keys():
-            s = f.get_slice(k)
-            dtype = _DTYPES.get(s.get_dtype())
-            if dtype is None and s.get_dtype() in _FP8_DTYPES:
-                from .quant import fp8
-
-                fp8.torch_dtype(_FP8_DTYPES[s.get_dtype()])  # raises, naming the torch version needed
-            if dtype is None:
-                raise CheckpointError(
-                    f"{path}: tensor {k!r} has dtype {s.get_dtype()!r}, which this pack cannot read (expected one "
-                    f"of {sorted(_DTYPES)}; weights are F32, F16 or BF16). The file is damaged or not a Stable "
-                    "Cascade checkpoint."
-                )
-            out[k] = torch.empty(s.get_shape(), dtype=dtype, device="meta")
-    return out
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: Any) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-
-
-def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None, dtype: torch.dtype | None = None,
-                     device: Any = "cpu") -> dict[str, torch.Tensor]:
-    """The file's tensors (all, or ``keys``), floating ones cast to ``dtype`` one by one while reading."""
-    path = Path(path)
-    _check_file(path, None)
-    out: dict[str, torch.Tensor] = {}
-    with _open_safetensors(path) as f:
-        names = list(f.keys()) if keys is None else keys
-        for k in names:
-            out[k] = _cast(f.get_tensor(k), dtype, device)
-    return out
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    """True for a file starting with GGUF's magic (by content, not name)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def _variant(p: Path) -> str:
-    return next((v for v in ("bf16", "fp16", "fp32") if v in p.name.split(".")), "")
-
-
-def _base_name(p: Path) -> str:
-    """``diffusion_pytorch_model.bf16.safetensors`` and ``...safetensors.index.json`` -> one name."""
-    return ".".join(x for x in p.name.split(".") if x not in (_variant(p), "index", "json"))
-
-
-def _pick_variant(cands: list[Path], dtype: torch.dtype | None) -> Path:
-    variant = _variant
-    want = _VARIANTS.get(dtype, "") if dtype is not None else ""
-    for pref in (want, "", "bf16", "fp32", "fp16"):
-        hits = [c for c in cands if variant(c) == pref]
-        if hits:
-            return sorted(hits, key=lambda c: (not c.name.endswith(".json"), c.name))[0]
-    return cands[0]
-
-
-def _index_files(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a readable shard index ({e!r}); download it again.") from None
-    files = [index.parent / n for n in sorted(set(weight_map.values()))]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{index}: shard(s) {missing} listed in the index are not in {index.parent}; "
-                              "download every shard into the same folder.")
-    return files
-
-
-def _shard_files(path: Path) -> list[Path]:
-    """All shards of a sharded checkpoint, from any one shard (through the index when there is one)."""
-    m = _SHARD.match(path.name)
-    assert m is not None
-    for index in sorted(path.parent.glob("*.index*.json")):
-        files = _index_files(index)
-        if path in files:
-            return files
-    n = int(m["n"])
-    files = [path.parent / f"{m['stem']}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{path}: shard {path.name} of a {n}-part checkpoint, but {missing} are missing from "
-                              f"{path.parent}; download every shard (and the .index.json) into that folder.")
-    return files
-
-
-def _dir_files(d: Path, kind: str | None, dtype: torch.dtype | None) -> list[Path]:
-    subs = [d / s for s in (KINDS[kind].diffusers_folders if kind in KINDS else ()) if (d / s).is_dir()]
-    if len(subs) > 1:
-        raise CheckpointError(f"{d}: holds {[s.name for s in subs]}; pass the one folder you want to load.")
-    d = subs[0] if subs else d
-    cands = sorted(d.glob("*.safetensors.index*.json")) + sorted(
-        p for p in d.glob("*.safetensors") if not _SHARD.match(p.name))
-    if not cands:
-        raise CheckpointError(f"{d}: no .safetensors file and no *.safetensors.index.json shard index in this "
-                              f"folder. Expected {_examples(kind)}.")
-    if len({_base_name(c) for c in cands}) > 1:
-        raise CheckpointError(f"{d}: holds several weight files ({[c.name for c in cands][:8]}); pass the one file "
-                              f"you want to load (e.g. {_examples(kind)}).")
-    chosen = _pick_variant(cands, dtype)
-    if len(cands) > 1:
-        log.info("ComfyUI-StableCascade: %s holds %s; reading %s.", d, [c.name for c in cands], chosen.name)
-    return _index_files(chosen) if chosen.name.endswith(".json") else [chosen]
-
-
-def _resolve(path: Path, kind: str | None, dtype: torch.dtype | None) -> list[Path]:
-    if path.is_dir():
-        return _dir_files(path, kind, dtype)
-    if path.name.endswith(".json") and path.exists():
-        return _index_files(path)
-    _check_file(path, kind)
-    return _shard_files(path) if _SHARD.match(path.name) else [path]
 
 
 # ---- opened sources ----------------------------------------------------------------------------
@@ -252,7 +67,7 @@ class _Opened:
     def read(self, keys: list[str], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:
         """The tensors of ``keys`` (floating ones in ``dtype``), refused if any holds a NaN or inf."""
         if self.sd is not None:
-            out = {k: _cast(self.sd[k], dtype, device) for k in keys}
+            out = {k: files.cast_floating(self.sd[k], dtype, device) for k in keys}
             check_finite(self.name, out, lambda k: self.sd[k])
             _check_finite_quantized(self.name, out)
             return out
@@ -306,7 +121,7 @@ def _wrap_fp8(name: str, tensors: dict[str, torch.Tensor], scales: Mapping[str, 
                 scale = float(s)
             out[k] = fp8.wrap(t, scale, default)
         else:
-            out[k] = _cast(t, dtype, device)
+            out[k] = files.cast_floating(t, dtype, device)
     return out
 
 
@@ -340,7 +155,7 @@ def _split_scales(header: dict[str, torch.Tensor]) -> dict[str, str]:
 def _open_gguf(path: Path, kind: str | None) -> _Opened:
     from .quant import gguf_file
 
-    contents = gguf_file.read_gguf(path, f"{describe(kind)}: pick {_examples(kind)}" if kind in KINDS
+    contents = gguf_file.read_gguf(path, f"{describe(kind)}: pick {files.examples_of(kind)}" if kind in KINDS
                                    else "a Stable Cascade GGUF (scripts/convert_weights.py writes them)")
     header = {k: _meta(v) for k, v in contents.tensors.items()}
     return _Opened(str(path), header, sd=contents.tensors, quantized=True)
@@ -360,10 +175,10 @@ def _open(src: Source, kind: str | None, dtype: torch.dtype | None) -> _Opened:
         header = {k: _meta(v) for k, v in src.items()}
         return _Opened("state dict", header, sd=src, quantized=any(isinstance(v, QTensor) for v in src.values()))
     path = Path(src)
-    files = _resolve(path, kind, dtype)
+    paths = files.resolve(path, kind, dtype)
     header: dict[str, torch.Tensor] = {}
     where: dict[str, Path] = {}
-    for f in files:
+    for f in paths:
         h = read_header(f)
         header.update(h)
         where.update(dict.fromkeys(h, f))
@@ -408,10 +223,10 @@ def _find(opened: _Opened, kind: str) -> tuple[Detected, Detected]:
     if part is not None:
         return det, part
     if det.kind == "unknown":
-        raise _unknown(opened, f"{describe(kind)}: pick {_examples(kind)}")
+        raise _unknown(opened, f"{describe(kind)}: pick {files.examples_of(kind)}")
     raise WrongModelError(
         f"{opened.name} is {det.describe()}, not {describe(kind)}. {_how_to_load(det)}. "
-        f"For {describe(kind)} pick {_examples(kind)}.", found=_found(det)
+        f"For {describe(kind)} pick {files.examples_of(kind)}.", found=_found(det)
     )
 
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import unet_keys
-from .common import (LN_EPS, LayerNorm2d, UNetCore, layer_norm_2d, resize_like, resolve_ops, timestep_embedding,
+from .common import (LN_EPS, LayerNorm2d, layer_norm_2d, resize_like, resolve_ops, timestep_embedding,
                      to_channels_last)
 from .errors import CheckpointError, ShapeError
+from .unet import UNetCore
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import unet_keys
-from .common import LN_EPS, LayerNorm2d, UNetCore, layer_norm_2d, resolve_ops, timestep_embedding, to_channels_last
+from .common import LN_EPS, LayerNorm2d, layer_norm_2d, resolve_ops, timestep_embedding, to_channels_last
 from .errors import CheckpointError, ShapeError
+from .unet import UNetCore
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from ..cascade.errors import CascadeError, CheckpointError, SamplingInterrupted
+from .folders import FOLDER_ALIASES, WEIGHT_EXTENSIONS, missing_file_message, refused_in
+from .streaming import has_blocks, largest_unit_bytes, start_streaming, stop_streaming, streamer_of
 
 log = logging.getLogger(__name__)
 
 # A patch is a delta tensor shaped like the weight, or a function of the (float32) weight returning one.
 PatchValue = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 _STATE_ATTR = "_scw_patch_state"
-_STREAM_ATTR = "_scw_stream_state"
 
 
 def module_size(module: nn.Module) -> int:
@@ -66,101 +67,6 @@ def _state(module: nn.Module) -> _SharedState:
         state = _SharedState()
         module.__dict__[_STATE_ATTR] = state
     return state
-
-
-def _is_block(module: nn.Module) -> bool:
-    """A U-Net block streamed as one unit (parameters it reads outside a child's forward included)."""
-    from ..cascade.common import AttnBlock, ResBlock, TimestepBlock
-
-    return isinstance(module, (ResBlock, AttnBlock, TimestepBlock))
-
-
-def streaming_units(model: nn.Module) -> list[nn.Module]:
-    """The modules a streamed network moves one at a time: every U-Net block, and every other module that
-    holds parameters or buffers of its own (outside a block). Each is called as a module by the networks."""
-    units: list[nn.Module] = []
-
-    def walk(mod: nn.Module) -> None:
-        if _is_block(mod) or any(True for _ in mod.parameters(recurse=False)) or any(
-                True for _ in mod.buffers(recurse=False)):
-            units.append(mod)
-            return
-        for child in mod.children():
-            walk(child)
-
-    walk(model)
-    return units
-
-
-def _tensors_of(unit: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    out = []
-    for mod in unit.modules():
-        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is not None:
-                out.append((mod, name, t))
-    return out
-
-
-class _Streamer:
-    """Forward hooks that bring one unit's weights to the compute device for its forward, and its own accounting.
-
-    The offload copies are the parameters' own tensors (patches are written into them before streaming starts),
-    so a unit's forward sees exactly the patched weights and dropping them needs no copy back.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device = device
-        self.units = streaming_units(model)
-        self.offloaded = {id(u): [(m, n, t.data) for m, n, t in _tensors_of(u)] for u in self.units}
-        self.unit_bytes = {id(u): sum(t.nelement() * t.element_size() for _, _, t in self.offloaded[id(u)])
-                           for u in self.units}
-        self.resident: dict[int, int] = {}  # id(unit) -> bytes now on the compute device
-        self.peak_resident = 0
-        self.loads = 0
-        self.handles = [model.register_forward_pre_hook(self._start)]
-        for u in self.units:
-            self.handles.append(u.register_forward_pre_hook(self._bring))
-            self.handles.append(u.register_forward_hook(self._drop))
-
-    def max_unit_bytes(self) -> int:
-        return max(self.unit_bytes.values(), default=0)
-
-    def _start(self, module: nn.Module, args: Any) -> None:
-        # A forward that raised left its unit on the device (no post-hook ran): drop it before the next one.
-        for uid in list(self.resident):
-            self._restore(uid)
-
-    def _bring(self, unit: nn.Module, args: Any) -> None:
-        for mod, name, t in self.offloaded[id(unit)]:
-            getattr(mod, name).data = t.to(self.device, non_blocking=True)
-        self.resident[id(unit)] = self.unit_bytes[id(unit)]
-        self.peak_resident = max(self.peak_resident, sum(self.resident.values()))
-        self.loads += 1
-
-    def _restore(self, uid: int) -> None:
-        for mod, name, t in self.offloaded[uid]:
-            getattr(mod, name).data = t
-        self.resident.pop(uid, None)
-
-    def _drop(self, unit: nn.Module, args: Any, output: Any) -> None:
-        self._restore(id(unit))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        for uid in list(self.offloaded):
-            self._restore(uid)
-
-
-def streamer_of(model: nn.Module) -> _Streamer | None:
-    """The streaming hooks on ``model`` (None: it is loaded whole or offloaded)."""
-    return model.__dict__.get(_STREAM_ATTR)
-
-
-def stop_streaming(model: nn.Module) -> None:
-    streamer = model.__dict__.pop(_STREAM_ATTR, None)
-    if streamer is not None:
-        streamer.remove()
 
 
 @dataclass(frozen=True)
@@ -226,8 +132,8 @@ class BuiltinPatcher:
         if current is not None and not (stream and current.device == target):
             stop_streaming(self.model)
         self.model.to(self.offload_device if stream else target)
-        if stream and streamer_of(self.model) is None:
-            self.model.__dict__[_STREAM_ATTR] = _Streamer(self.model, target)
+        if stream:
+            start_streaming(self.model, target)
         if self.is_patched():
             return self.model
         state = _state(self.model)
@@ -323,9 +229,7 @@ class BuiltinManager:
                     break
                 if id(p.model) in incoming and id(p.model) not in streamed and self.streamable(p):
                     streamed.add(id(p.model))
-                    need -= incoming[id(p.model)] - max(
-                        (sum(t.nelement() * t.element_size() for _, _, t in _tensors_of(u))
-                         for u in streaming_units(p.model)), default=0)
+                    need -= incoming[id(p.model)] - largest_unit_bytes(p.model)
             if self.used() + need > budget:
                 log.warning("ComfyUI-StableCascade: %.0f MiB needed (weights + activations) with %.0f MiB resident "
                             "exceeds the memory budget of %.0f MiB; loading anyway (set SCW_MEMORY_BUDGET to change)",
@@ -343,7 +247,7 @@ class BuiltinManager:
     @staticmethod
     def streamable(patcher: BuiltinPatcher) -> bool:
         """Networks made of U-Net blocks (Stage C, Stage B) are streamed; others always load whole."""
-        return any(_is_block(m) for m in patcher.model.modules())
+        return has_blocks(patcher.model)
 
     def release(self, patchers: Sequence[BuiltinPatcher]) -> None:
         with self.lock:
@@ -371,65 +275,6 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 1 << 62
-
-
-# Folder aliases of ComfyUI (folder_paths.map_legacy plus the two-folder defaults).
-FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
-    "diffusion_models": ("diffusion_models", "unet"), "unet": ("diffusion_models", "unet"),
-    "text_encoders": ("text_encoders", "clip"), "clip": ("text_encoders", "clip"),
-    "vae": ("vae",), "checkpoints": ("checkpoints",), "controlnet": ("controlnet", "t2i_adapter"),
-    "loras": ("loras",), "clip_vision": ("clip_vision",),
-}
-WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf")  # GGUF: quantized Stage C / Stage B (docs/QUANTIZED.md)
-# Files a model folder may hold that the pack will not read, and why; listed when a requested file is missing so
-# a user with only the .ckpt of a model learns why it is not offered.
-PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".pt2")
-_PICKLE_REASON = ("a PyTorch pickle: the pack never unpickles (opening one can run code) - convert it to "
-                  ".safetensors or download the .safetensors release")
-_OTHER_REASONS: dict[str, str] = {}
-# Not weights: ComfyUI's put_*_here placeholders, notes, configs and images beside the weights are not listed.
-_NOT_WEIGHTS = (".txt", ".md", ".json", ".yaml", ".yml", ".html", ".png", ".jpg", ".jpeg", ".webp", ".py",
-                ".lock", ".metadata", ".gitkeep", ".gitignore")
-
-
-def refusal_reason(name: str) -> str | None:
-    """Why a file of a model folder is not offered (None: it is a weights file the pack reads, or not a
-    weights file at all)."""
-    low = os.path.basename(name).lower()
-    if low.endswith(WEIGHT_EXTENSIONS) or low.startswith((".", "put_")) or low.endswith(_NOT_WEIGHTS):
-        return None
-    if low.endswith(PICKLE_EXTENSIONS):
-        return _PICKLE_REASON
-    ext = os.path.splitext(low)[1]
-    return _OTHER_REASONS.get(ext, f"an unknown extension ({ext or 'none'}): the pack reads .safetensors / .sft / .gguf only")
-
-
-def refused_in(dirs: Sequence[str]) -> list[tuple[str, str]]:
-    """(relative name, reason) of the files under ``dirs`` that the pack will not read, sorted by name."""
-    found: dict[str, str] = {}
-    for base in dirs:
-        for dirpath, _, files in os.walk(base, followlinks=True):
-            for f in files:
-                reason = refusal_reason(f)
-                if reason is not None:
-                    found.setdefault(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"), reason)
-    return sorted(found.items())
-
-
-def describe_refused(refused: Sequence[tuple[str, str]], limit: int = 8) -> str:
-    """A sentence listing refused files with their reasons ('' when there are none)."""
-    if not refused:
-        return ""
-    items = [f"{name} ({reason})" for name, reason in refused[:limit]]
-    more = f" and {len(refused) - limit} more" if len(refused) > limit else ""
-    return f"; the folder holds files the pack does not read: {'; '.join(items)}{more}"
-
-
-def missing_file_message(name: str, where: str, available: Sequence[str], refused: Sequence[tuple[str, str]]) -> str:
-    """The message of a model file that is not there (both backends word it the same way)."""
-    offer = list(available[:5]) or "the files in that folder (it has no .safetensors / .sft file)"
-    return (f"model file {name!r} was not found in {where} - put the file there or pick one of {offer}"
-            f"{describe_refused(refused)}")
 
 
 class _ProgressHook:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..cascade.errors import CheckpointError
-from .builtin import WEIGHT_EXTENSIONS, PatchValue, missing_file_message, refused_in
+from .builtin import PatchValue
+from .folders import WEIGHT_EXTENSIONS, missing_file_message, refused_in
 
 # Key under which the pack registers its ModelPatcher callbacks, so they never collide with other packs.
 PATCH_OWNER = "scw"

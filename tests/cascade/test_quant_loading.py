@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_stablecascade.cascade import kinds, loading
+from comfyui_stablecascade.cascade import files, kinds, loading
 from comfyui_stablecascade.cascade.errors import CheckpointError, WrongModelError
 from comfyui_stablecascade.cascade.quant import OPS, QTensor, convert, weight_bytes
 
@@ -230,7 +230,7 @@ def test_truncated_gguf_is_a_clear_error(tmp_path, reference, keep):
 def test_fp8_file_on_a_torch_without_float8_names_the_version(tmp_path, reference, monkeypatch):
     path = tmp_path / "c_fp8.safetensors"
     convert.write_fp8(path, reference["stage_c"][0], "stage_c", "fp8_e4m3fn")
-    monkeypatch.delitem(loading._DTYPES, "F8_E4M3")
+    monkeypatch.delitem(files.DTYPES, "F8_E4M3")
     monkeypatch.delattr(torch, "float8_e4m3fn")
     with pytest.raises(Exception, match=r"torch >= 2\.1"):
         loading.load_stage_c(path)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from comfyui_stablecascade import host
-from comfyui_stablecascade.host import builtin
+from comfyui_stablecascade.host import builtin, folders
 from comfyui_stablecascade.cascade.errors import CascadeError, CheckpointError, SamplingInterrupted, ShapeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/host/ -> the repo
@@ -284,7 +284,7 @@ def test_comfyui_backend_lists_refused_files_the_same_way(tmp_path):
 
     backend = comfyui.ComfyBackend(SimpleNamespace(folder_paths=FolderPaths))
     assert backend.model_files(["diffusion_models", "unet"]) == ["stage_c_q4.gguf"]
-    assert backend.refused_files(["diffusion_models", "unet"]) == builtin.refused_in([str(base)])
+    assert backend.refused_files(["diffusion_models", "unet"]) == folders.refused_in([str(base)])
     with pytest.raises(CheckpointError, match=r"'stage_c\.safetensors' was not found in models/diffusion_models/") \
             as err:
         backend.model_path(["diffusion_models", "unet"], "stage_c.safetensors")

@@ -9,7 +9,7 @@ from comfyui_stablecascade.cascade.common import ResBlock
 from comfyui_stablecascade.cascade.random_init import randomize_
 from comfyui_stablecascade.cascade.stage_b import StageB, StageBConfig
 from comfyui_stablecascade.cascade.stage_c import StageC, StageCConfig
-from comfyui_stablecascade.host import builtin
+from comfyui_stablecascade.host import builtin, streaming
 from comfyui_stablecascade.standalone import cli
 
 builtin_only = pytest.mark.skipif(host.in_comfyui(), reason="covers the built-in manager; ComfyUI is importable here")
@@ -40,20 +40,20 @@ def _bits(module) -> dict:
 
 def _largest_block(model) -> int:
     return max(sum(t.nelement() * t.element_size() for t in u.state_dict().values())
-               for u in builtin.streaming_units(model))
+               for u in streaming.streaming_units(model))
 
 
 @builtin_only
 def test_streamed_forward_equals_full_load_bit_for_bit_with_one_block_resident():
     handle = host.wrap(_stage_c(), "stage_c")
     host.load([handle])
-    assert builtin.streamer_of(handle.module) is None
+    assert streaming.streamer_of(handle.module) is None
     full = handle.module(*_c_inputs())
     host.unload_all()
     size = handle.model_size()
     host.set_memory_budget(size // 2)  # the whole network does not fit
     host.load([handle])
-    streamer = builtin.streamer_of(handle.module)
+    streamer = streaming.streamer_of(handle.module)
     assert streamer is not None
     streamed = handle.module(*_c_inputs())
     assert torch.equal(streamed, full)
@@ -66,7 +66,7 @@ def test_streamed_forward_equals_full_load_bit_for_bit_with_one_block_resident()
     # The manager counts one unit for a streamed network, not all of it.
     assert builtin.BuiltinManager.resident_size(handle.patcher) == streamer.max_unit_bytes()
     host.unload_all()
-    assert builtin.streamer_of(handle.module) is None
+    assert streaming.streamer_of(handle.module) is None
 
 
 @pytest.mark.parametrize("net", [StageC(StageCConfig.big(), device="meta"), StageB(StageBConfig.big(), device="meta")],
@@ -76,7 +76,7 @@ def test_released_sizes_stream_in_units_of_about_one_percent(net):
     # One unit at a time is what a streamed forward keeps on the compute device: a ResBlock of width 2048 (Stage C,
     # 134 MB in fp32 of 14.4 GB) or of width 1280 (Stage B); every parameter belongs to exactly one unit.
     assert _largest_block(net) < total // 50
-    assert sum(sum(t.nelement() for t in u.state_dict().values()) for u in builtin.streaming_units(net)) == \
+    assert sum(sum(t.nelement() for t in u.state_dict().values()) for u in streaming.streaming_units(net)) == \
         sum(t.nelement() for t in net.state_dict().values())
 
 
@@ -92,7 +92,7 @@ def test_streaming_stage_b_and_a_failed_forward_leaves_nothing_resident():
     host.unload_all()
     host.set_memory_budget(handle.model_size() // 3)
     host.load([handle])
-    streamer = builtin.streamer_of(handle.module)
+    streamer = streaming.streamer_of(handle.module)
     assert torch.equal(handle.module(*args), full)
     assert streamer.peak_resident == _largest_block(handle.module)
     # A forward that fails inside a block leaves that block "resident"; the next forward drops it first.
@@ -120,12 +120,12 @@ def test_patches_apply_exactly_while_streaming_and_come_off_bit_exact():
     host.unload_all()
     host.set_memory_budget(base.model_size() // 2)
     host.load([lora])
-    assert builtin.streamer_of(lora.module) is not None
+    assert streaming.streamer_of(lora.module) is not None
     assert torch.equal(lora.module(*_c_inputs()), patched_full)
     assert all(torch.equal(lora.module.state_dict()[k], patched_weights[k]) for k in keys)
     assert not torch.equal(patched_full, plain_full)
     host.load([base])  # the same network, still streamed: the clone's patches come off bit for bit
-    assert builtin.streamer_of(base.module) is not None
+    assert streaming.streamer_of(base.module) is not None
     assert torch.equal(base.module(*_c_inputs()), plain_full)
     now = _bits(base.module)
     assert all(torch.equal(now[k].view(torch.uint8), original[k].view(torch.uint8)) for k in original)
@@ -137,7 +137,7 @@ def test_networks_without_blocks_are_never_streamed():
     handle = host.wrap(net, "stage_a")
     host.set_memory_budget(1024)
     host.load([handle])  # loads whole (with the over-budget warning), as before
-    assert builtin.streamer_of(handle.module) is None
+    assert streaming.streamer_of(handle.module) is None
 
 
 # The standalone runner's --vram option sets this budget (kept here beside the manager it configures).
