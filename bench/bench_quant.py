@@ -12,7 +12,10 @@ e4m3fn safetensors file and GGUF Q8_0 / Q4_K files written by ``cascade.quant.co
 release is bf16, so the quantized files start from bf16 as ``scripts/convert_weights.py`` would). Every format is
 loaded with ``cascade.loading.load`` exactly as the loader nodes do.
 
-Activation dtype: the dtype of the network's first parameter, as ``pipeline/stages.py`` picks it. For bf16
+Activation dtype (``--act``). ``fp32`` (the default, the issue's comparison): every format computes in
+float32, and bf16 is "bf16 layerwise", bf16 weights in ``cascade.quant.OPS`` layers that cast each layer's weight
+to fp32 in ``forward`` (the pack's rule on a CPU without native bf16); ratios are against that row. ``weights``:
+the dtype of the network's first parameter, as ``pipeline/stages.py`` picks it. For bf16
 this is bf16 weights in plain torch layers with bf16 activations (no per-layer cast: the weights already are in
 the activation dtype). For fp8 and GGUF the kept tensors (embedding, head, mappers, norms, biases) are bf16, so
 the activations are bf16 too and each quantized layer expands its weight to bf16 in ``forward``
@@ -139,13 +142,18 @@ def prepare(workdir: str, net: str, formats: list[str]) -> None:
     print(f"prepared {NETS[net][1]} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
 
-def load_format(workdir: str, net: str, fmt: str, formats: list[str]) -> torch.nn.Module:
-    """The network as the pack's loader gives it for ``fmt``."""
+def load_format(workdir: str, net: str, fmt: str, formats: list[str], layerwise: bool = False) -> torch.nn.Module:
+    """The network as the pack's loader gives it for ``fmt``.
+
+    ``layerwise``: bf16 weights in ``cascade.quant.OPS`` layers, which cast each layer's weight to the activation
+    dtype in ``forward`` (the issue's "bf16 (layerwise upcast)"); otherwise bf16 is plain torch layers.
+    """
     loading = cascade_module("loading")
     kind, p = NETS[net][0], paths(workdir, net)
     if fmt in ("fp32", "bf16"):
         dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
-        return loading.load(kind, p[_source_format(formats)], dtype=dtype)
+        ops = cascade_module("quant").OPS if layerwise and fmt == "bf16" else None
+        return loading.load(kind, p[_source_format(formats)], dtype=dtype, operations=ops)
     return loading.load(kind, p[fmt])
 
 
@@ -169,17 +177,23 @@ def dequant_seconds(model: torch.nn.Module, dtype: torch.dtype) -> float:
 
 
 def measure(workdir: str, net: str, fmt: str, formats: list[str], repeats: int, stage_b_size: int,
-            threads: int | None = None, save_output: bool = True) -> dict[str, Any]:
-    """Load ``fmt``, run ``repeats`` forwards; weight bytes, memory marks, times, dequantization time."""
+            threads: int | None = None, save_output: bool = True, act_mode: str = "weights") -> dict[str, Any]:
+    """Load ``fmt``, run ``repeats`` forwards; weight bytes, memory marks, times, dequantization time.
+
+    ``act_mode``: "fp32" computes every format in float32 (bf16 then in the quant OPS layers, layer by layer);
+    "weights" takes the activation dtype from the first parameter, as ``pipeline/stages.py`` does.
+    """
     if threads:
         torch.set_num_threads(threads)
     quant = cascade_module("quant")
     t0 = time.perf_counter()
-    model = load_format(workdir, net, fmt, formats)
+    model = load_format(workdir, net, fmt, formats, layerwise=act_mode == "fp32")
     load_s = time.perf_counter() - t0
     act = next(model.parameters()).dtype  # the activation dtype, as pipeline/stages.py picks it
     if not act.is_floating_point or act.itemsize == 1:
         raise RuntimeError(f"{fmt}: first parameter is {act}; expected a dense kept tensor")
+    if act_mode == "fp32":
+        act = torch.float32
     inp = {k: v if k == "r" else v.to(act) for k, v in inputs(net, stage_b_size).items()}
     n_quant = sum(isinstance(t, quant.QTensor) for t in model.parameters())
     weight_bytes = quant.weight_bytes(model)
@@ -203,7 +217,8 @@ def measure(workdir: str, net: str, fmt: str, formats: list[str], repeats: int, 
     with torch.inference_mode():
         deq = dequant_seconds(model, act) if n_quant else 0.0
     return dict(fmt=fmt, times=times, base_kib=base_kib, hwm_kib=hwm_kib, weight_bytes=weight_bytes,
-                n_quantized=n_quant, act_dtype=str(act).replace("torch.", ""), load_s=load_s, dequant_s=deq,
+                n_quantized=n_quant, act_dtype=str(act).replace("torch.", ""),
+                layerwise=fmt == "bf16" and act_mode == "fp32", load_s=load_s, dequant_s=deq,
                 finite=bool(torch.isfinite(out).all()))
 
 
@@ -248,7 +263,7 @@ def predicted_weight_bytes(net: str, fmt: str) -> int:
 def spawn(net: str, fmt: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", fmt, "--nets", net, "--formats", args.formats,
            "--workdir", args.workdir, "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--stage-b-size", str(args.stage_b_size)]
+           "--stage-b-size", str(args.stage_b_size), "--act", args.act]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {net}/{fmt} failed:\n{proc.stderr[-3000:]}")
@@ -276,7 +291,8 @@ def table(net: str, rows: dict[str, dict[str, Any]], errs: dict[str, dict[str, f
         t_ratio = f"{best / min(bf16['times']):.2f}" if bf16 else "-"
         e = errs.get(fmt)
         err = (f"{e['max_abs']:.3g} | {e['max_rel']:.2e} | {e['rel_l2']:.2e}" if e else "- | - | -")
-        out.append(f"| {title} | {fmt} | {r['act_dtype']} | {r['weight_bytes'] / 2**20:.0f} | {mem_ratio} | "
+        name = "bf16 layerwise" if r.get("layerwise") else fmt
+        out.append(f"| {title} | {name} | {r['act_dtype']} | {r['weight_bytes'] / 2**20:.0f} | {mem_ratio} | "
                    f"{r.get('growth_kib', r['hwm_kib'] - r['base_kib']) / 1024:.0f} | {r['hwm_kib'] / 1024:.0f} | "
                    f"{r['times'][0]:.2f} | {best:.2f} | {t_ratio} | {r['dequant_s']:.2f} | {err} |")
     return out
@@ -307,13 +323,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stage-b-size", type=int, default=128, help="Stage B latent side (release 1024^2: 256)")
     parser.add_argument("--workdir", default="/tmp/scw_bench_quant")
+    parser.add_argument("--act", choices=("fp32", "weights"), default="fp32",
+                        help="fp32: every format computes in float32, bf16 as bf16 weights upcast layer by layer "
+                             "(the issue's bf16 layerwise; the pack's rule on a CPU without native bf16); "
+                             "weights: the first parameter's dtype (bf16 activations for bf16/fp8/GGUF)")
     parser.add_argument("--big-memory-only", action="store_true")
     parser.add_argument("--worker", choices=FORMATS)
     parser.add_argument("--prepare", action="store_true")
     args = parser.parse_args()
     formats = args.formats.split(",")
     if args.worker:
-        r = measure(args.workdir, args.nets, args.worker, formats, args.repeats, args.stage_b_size, args.threads)
+        r = measure(args.workdir, args.nets, args.worker, formats, args.repeats, args.stage_b_size, args.threads,
+                    act_mode=args.act)
         print("RESULT " + json.dumps(r))
         return
     if args.prepare:
@@ -322,7 +343,7 @@ def main() -> None:
 
     print(f"# bench_quant  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  torch {torch.__version__}  "
           f"threads {args.threads}  cpu {platform.processor() or platform.machine()} x{os.cpu_count()}  "
-          f"loadavg(1m) at start {os.getloadavg()[0]:.2f}")
+          f"loadavg(1m) at start {os.getloadavg()[0]:.2f}  activations {args.act}")
     print("\nBig networks, exact weight bytes from shapes (decimal GB):\n")
     print("\n".join(big_memory_table()))
     if args.big_memory_only:
@@ -343,10 +364,14 @@ def main() -> None:
             rounds.append({fmt: spawn(net, fmt, args) for fmt in order})
         rows = {fmt: pool([rd[fmt] for rd in rounds]) for fmt in formats}
         errs = {}
-        if "fp32" in formats:
-            ref = torch.load(os.path.join(args.workdir, f"out_{net}_fp32.pt"))
-            for fmt in formats[1:] if formats[0] == "fp32" else formats:
-                if fmt != "fp32":
+        # The reference is the fp32 output; without an fp32 row (the big networks) the bf16 one, said in the output.
+        ref_fmt = "fp32" if "fp32" in formats else "bf16" if "bf16" in formats else None
+        if ref_fmt:
+            if ref_fmt != "fp32":
+                checks.append(f"{NETS[net][1]}: errors are against the {ref_fmt} output (no fp32 row)")
+            ref = torch.load(os.path.join(args.workdir, f"out_{net}_{ref_fmt}.pt"))
+            for fmt in formats:
+                if fmt != ref_fmt:
                     errs[fmt] = errors(torch.load(os.path.join(args.workdir, f"out_{net}_{fmt}.pt")), ref)
         lines += table(net, rows, errs)
         for fmt, r in rows.items():

@@ -53,19 +53,22 @@ def _k_low(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """(n_blocks, TYPE_SIZE) uint8 -> (n_blocks, BLOCK) float32."""
+    # The arithmetic runs in place on the one float32 tensor of the values (the same products and sums, in the
+    # same order, as the out-of-place expressions): a whole-tensor float32 temporary per operation would double
+    # or triple the peak of expanding a layer.
     n = blocks.shape[0]
     if qtype == "Q8_0":
-        return _f16(blocks[:, :2]) * blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+        return blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32).mul_(_f16(blocks[:, :2]))
     if qtype == "Q4_0":
-        return _f16(blocks[:, :2]) * (_nibbles(blocks[:, 2:]).to(torch.float32) - 8)
+        return _nibbles(blocks[:, 2:]).to(torch.float32).sub_(8).mul_(_f16(blocks[:, :2]))
     if qtype == "Q4_1":
-        return _f16(blocks[:, :2]) * _nibbles(blocks[:, 4:]).to(torch.float32) + _f16(blocks[:, 2:4])
+        return _nibbles(blocks[:, 4:]).to(torch.float32).mul_(_f16(blocks[:, :2])).add_(_f16(blocks[:, 2:4]))
     if qtype == "Q5_0":
         q = _nibbles(blocks[:, 6:]) | (_qh_bits(blocks[:, 2:6]) << 4)
-        return _f16(blocks[:, :2]) * (q.to(torch.float32) - 16)
+        return q.to(torch.float32).sub_(16).mul_(_f16(blocks[:, :2]))
     if qtype == "Q5_1":
         q = _nibbles(blocks[:, 8:]) | (_qh_bits(blocks[:, 4:8]) << 4)
-        return _f16(blocks[:, :2]) * q.to(torch.float32) + _f16(blocks[:, 2:4])
+        return q.to(torch.float32).mul_(_f16(blocks[:, :2])).add_(_f16(blocks[:, 2:4]))
     if qtype in ("Q4_K", "Q5_K"):
         d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
         sc, mn = _scale_min_k4(blocks[:, 4:16])
@@ -75,7 +78,7 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
             shifts = torch.arange(8, device=blocks.device, dtype=torch.uint8).view(1, 8, 1)
             high = (blocks[:, 16:48].reshape(-1, 1, 32) >> shifts) & 1
             q = _k_low(blocks[:, 48:]) | (high << 4)
-        return ((d * sc).unsqueeze(-1) * q.to(torch.float32) - (dmin * mn).unsqueeze(-1)).reshape(n, QK_K)
+        return q.to(torch.float32).mul_((d * sc).unsqueeze(-1)).sub_((dmin * mn).unsqueeze(-1)).reshape(n, QK_K)
     if qtype == "Q6_K":
         ql, qh = blocks[:, :128], blocks[:, 128:192]
         scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
@@ -85,8 +88,8 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
         high = qh.reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], device=blocks.device,
                                                         dtype=torch.uint8).view(1, 1, 4, 1)
         high = (high & 0x03).reshape(-1, 8, 32)
-        q = (low | (high << 4)).to(torch.float32) - 32
-        return ((d * scales).unsqueeze(-1) * q.reshape(n, 16, 16)).reshape(n, QK_K)
+        q = (low | (high << 4)).to(torch.float32).sub_(32)
+        return q.reshape(n, 16, 16).mul_((d * scales).unsqueeze(-1)).reshape(n, QK_K)
     raise KeyError(qtype)
 
 
