@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -65,6 +66,24 @@ def comfy_root_or_skip() -> str:
     if not os.path.isfile(os.path.join(root, "main.py")) or not os.path.isdir(os.path.join(root, "comfy")):
         pytest.skip(f"COMFYUI_PATH={root} is not a ComfyUI checkout (no main.py and comfy/ there)")
     return root
+
+
+def import_comfy_or_skip(purpose: str, *modules: str) -> dict[str, Any]:
+    """ComfyUI's ``modules`` imported in this process (CPU) for a comparison with core, by name; the test skips,
+    saying why, when COMFYUI_PATH names no checkout or ComfyUI does not import with this Python."""
+    root = os.environ.get("COMFYUI_PATH", "")
+    if not root or not os.path.isdir(os.path.join(root, "comfy")):
+        pytest.skip(f"COMFYUI_PATH does not name a ComfyUI checkout: {purpose} needs one (run with ComfyUI's "
+                    "Python, see docs/COMFYUI_INTEGRATION.md)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from comfy.cli_args import args
+
+        args.cpu = True
+        return {name: importlib.import_module(name) for name in modules}
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI does not import with {sys.executable} ({exc}); run with ComfyUI's Python")
 
 
 # ComfyUI's third-party imports, then its own modules (which fail when a dep is missing). A broken wheel (e.g. a

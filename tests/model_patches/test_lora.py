@@ -10,7 +10,6 @@ up @ down; the tests do that on the split weights and concatenate.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import sys
 
@@ -19,6 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
+
+from comfyui_harness import import_comfy_or_skip
 
 from comfyui_stablecascade import host
 from comfyui_stablecascade.cascade import loading
@@ -503,24 +504,9 @@ def test_nodes_demo_choice_and_token_validation(stage_c, encoder):
 
 @pytest.fixture(scope="module")
 def comfy_core():
-    root = os.environ.get("COMFYUI_PATH", "")
-    if not root or not os.path.isdir(os.path.join(root, "comfy")):
-        pytest.skip("COMFYUI_PATH does not name a ComfyUI checkout: the parity test with ComfyUI core's LoRA loader "
-                    "needs one (run with ComfyUI's Python, see docs/COMFYUI_INTEGRATION.md)")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        from comfy.cli_args import args
-
-        args.cpu = True
-        import comfy.lora
-        import comfy.model_base
-        import comfy.model_patcher
-        import comfy.sd
-        import comfy.supported_models
-    except ImportError as exc:
-        pytest.skip(f"ComfyUI does not import with {sys.executable} ({exc}); run with ComfyUI's Python")
-    return comfy
+    import_comfy_or_skip("the parity test with ComfyUI core's LoRA loader", "comfy.lora", "comfy.model_base",
+                         "comfy.model_patcher", "comfy.sd", "comfy.supported_models")
+    return sys.modules["comfy"]  # the package, with those submodules imported
 
 
 def _comfy_stage_c(comfy, model: StageC):

@@ -11,12 +11,12 @@ Run: COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python -m pytest -q
 
 import inspect
 import math
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from comfyui_harness import import_comfy_or_skip
 
 from comfyui_stablecascade.samplers import schedule
 from comfyui_stablecascade.samplers.noise import make_noise_sampler, prepare_noise
@@ -30,23 +30,10 @@ SCHEDULES = [("official", 2.0), ("simple", 1.0), ("karras", 2.0), ("beta", 1.0),
 
 @pytest.fixture(scope="module")
 def core():
-    root = os.environ.get("COMFYUI_PATH", "")
-    if not root or not os.path.isdir(os.path.join(root, "comfy")):
-        pytest.skip("COMFYUI_PATH does not name a ComfyUI checkout: the parity test with ComfyUI core's samplers "
-                    "needs one (run with ComfyUI's Python, see docs/COMFYUI_INTEGRATION.md)")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        from comfy.cli_args import args
-
-        args.cpu = True
-        import comfy.k_diffusion.sampling as k_sampling
-        import comfy.model_sampling
-        import comfy.samplers
-        from comfy.extra_samplers import uni_pc
-    except ImportError as exc:
-        pytest.skip(f"ComfyUI does not import with {sys.executable} ({exc}); run with ComfyUI's Python")
-    return SimpleNamespace(k=k_sampling, uni_pc=uni_pc, samplers=comfy.samplers, model_sampling=comfy.model_sampling)
+    m = import_comfy_or_skip("the parity test with ComfyUI core's samplers", "comfy.k_diffusion.sampling",
+                             "comfy.model_sampling", "comfy.samplers", "comfy.extra_samplers.uni_pc")
+    return SimpleNamespace(k=m["comfy.k_diffusion.sampling"], uni_pc=m["comfy.extra_samplers.uni_pc"],
+                           samplers=m["comfy.samplers"], model_sampling=m["comfy.model_sampling"])
 
 
 def smooth_eps_model(x, logsnr):
