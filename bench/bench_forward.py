@@ -23,13 +23,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 import torch
-from benchlib import BENCH, ROOT, cascade_module, file_module, status_kib
+from benchlib import BENCH, ROOT, cascade_module, file_module, run_worker, status_kib
 
 MODELS = {
     "c": "Stage C lite fwd (2x16x24x24)",
@@ -155,11 +154,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 def spawn(impl: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--model", model,
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {impl}/{model} failed:\n{proc.stderr[-3000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_worker(cmd, f"{impl}/{model}")
 
 
 def _pool(results: list[dict[str, Any]]) -> dict[str, Any]:

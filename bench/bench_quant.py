@@ -51,7 +51,7 @@ import torch
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # imported by path (the smoke test)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import cascade_module, status_kib  # noqa: E402
+from benchlib import cascade_module, run_worker, status_kib  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "fp8_e4m3fn", "Q8_0", "Q4_K")
 GGUF = ("Q8_0", "Q4_K")
@@ -264,11 +264,7 @@ def spawn(net: str, fmt: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", fmt, "--nets", net, "--formats", args.formats,
            "--workdir", args.workdir, "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--stage-b-size", str(args.stage_b_size), "--act", args.act]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {net}/{fmt} failed:\n{proc.stderr[-3000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_worker(cmd, f"{net}/{fmt}")
 
 
 def pool(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -51,6 +51,18 @@ def file_module(name: str, path: str) -> Any:
     return module
 
 
+def run_worker(cmd: list[str], what: str) -> dict[str, Any]:
+    """Run a benchmark worker process and return the JSON it prints on its ``RESULT `` line."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {what} failed:\n{proc.stderr[-3000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
 def status_kib(field: str) -> int:
     """A ``/proc/self/status`` counter in KiB, e.g. ``VmRSS`` or ``VmHWM``."""
     with open("/proc/self/status", encoding="ascii") as f:
