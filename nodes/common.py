@@ -10,6 +10,7 @@ from .. import host
 from ..cascade.errors import CascadeError
 from ..pipeline.settings import SETTING_RANGES, SamplingSettings
 from ..samplers.sampling import SAMPLERS
+from ..samplers.schedule import SCHEDULERS
 
 ROOT_CATEGORY = "stable_cascade_wurst"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
@@ -78,11 +79,8 @@ def seed_input(tooltip: str) -> tuple:
 
 
 def schedule_inputs(defaults: SamplingSettings, stage: str) -> dict:
-    """seed, steps, cfg, shift, sampler, rescale, denoise, scheduler widgets with a stage's defaults; the ranges are
-    ``pipeline.settings.SETTING_RANGES``, the ones ``SamplingSettings.check()`` enforces. scheduler comes last so
-    that workflows saved before it keep their widget positions."""
-    from ..samplers.schedule import SCHEDULERS
-
+    """seed, steps, cfg, shift, sampler, rescale, denoise widgets with a stage's defaults; the ranges are
+    ``pipeline.settings.SETTING_RANGES``, the ones ``SamplingSettings.check()`` enforces."""
     r = {name: {"min": low, "max": high} for name, (low, high) in SETTING_RANGES.items()}
     return {
         "seed": seed_input(f"Noise seed of {stage}; the same seed gives the same image on any device."),
@@ -102,10 +100,16 @@ def schedule_inputs(defaults: SamplingSettings, stage: str) -> dict:
         "denoise": ("FLOAT", {"default": defaults.denoise, **r["denoise"], "step": 0.01,
                               "tooltip": "1 samples from pure noise; lower starts from the input latent noised to "
                                          "this level (image-to-image); all steps run from there."}),
-        "scheduler": (list(SCHEDULERS), {"default": defaults.scheduler, "tooltip": (
-            "Noise levels the steps walk through: official is GDF's cosine schedule (linear in t); the others are "
-            "core's schedulers on the same schedule, ending at sigma 0.")}),
     }
+
+
+def scheduler_input(defaults: SamplingSettings) -> dict:
+    """The scheduler widget, for a sampler node's *optional* inputs: it is the newest widget, so it comes after
+    all others (UI workflows saved before it keep their widget positions) and an API prompt without it still
+    validates, in ComfyUI and in the standalone runner, and runs with the default."""
+    return {"scheduler": (list(SCHEDULERS), {"default": defaults.scheduler, "tooltip": (
+        "Noise levels the steps walk through: official is GDF's cosine schedule (linear in t); the others are "
+        "core's schedulers on the same schedule, ending at sigma 0.")})}
 
 
 def conditioning_input(what: str) -> tuple:

@@ -23,7 +23,7 @@ from ..pipeline import images as image_io
 from ..pipeline.conditioning import attach_image_embeds, merge_entries
 from ..pipeline.latents import DEFAULT_COMPRESSION, MAX_RESOLUTION, latent_sizes, snap_size, stage_latent
 from ..samplers.img2img import NOISING_MODES
-from .common import category, mappings, require, schedule_inputs
+from .common import category, mappings, require, schedule_inputs, scheduler_input
 from .kinds import FIX
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,6 @@ class StageCImageToImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         inputs = schedule_inputs(IMAGE_TO_IMAGE, "Stage C")
-        scheduler = inputs.pop("scheduler")  # after noising: workflows saved before it keep their widget positions
         inputs["denoise"] = ("FLOAT", {**inputs["denoise"][1], "default": IMAGE_TO_IMAGE.denoise,
                                        "tooltip": "Where sampling starts (the official t_start 0.8): lower keeps "
                                                   "more of the image."})
@@ -193,9 +192,9 @@ class StageCImageToImage:
                 "noising": (list(NOISING_MODES), {"default": IMAGE_TO_IMAGE.noising, "tooltip": (
                     "official: the notebook's recipe (noised with shift 1, a = 0.307 at 0.8); consistent: noised "
                     "with the sampler's shift (a = 0.159 at 0.8 with shift 2), replaces more of the image.")}),
-                "scheduler": scheduler,
             },
-            "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."})},
+            "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."}),
+                         **scheduler_input(IMAGE_TO_IMAGE)},
         }
 
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,

@@ -12,7 +12,7 @@ from typing import Any
 from ..pipeline import STAGE_B, STAGE_C, SamplingSettings, sample_stage_b, sample_stage_c
 from ..pipeline.conditioning import merge_entries
 from ..pipeline.latents import stage_latent
-from .common import category, conditioning_input, mappings, require, schedule_inputs
+from .common import category, conditioning_input, mappings, require, schedule_inputs, scheduler_input
 from .kinds import FIX
 
 CATEGORY = category("sampling")
@@ -38,7 +38,8 @@ class StageCSampler:
                 "latent": ("LATENT", {"tooltip": "The stage_c output of SCW_EmptyLatent (or an encoded image)."}),
                 **schedule_inputs(STAGE_C, "Stage C"),
             },
-            "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."})},
+            "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."}),
+                         **scheduler_input(STAGE_C)},
         }
 
     def sample(self, stage_c: Any, positive: list, negative: list, latent: dict, seed: int, steps: int, cfg: float,
@@ -70,7 +71,7 @@ class StageBSampler:
             "stage_c": ("LATENT", {"tooltip": "The Stage C result (output of SCW_StageCSampler)."}),
             "latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
             **schedule_inputs(STAGE_B, "Stage B"),
-        }}
+        }, "optional": scheduler_input(STAGE_B)}
 
     def sample(self, stage_b: Any, positive: list, negative: list, stage_c: dict, latent: dict, seed: int,
                steps: int, cfg: float, shift: float, sampler: str, rescale: float, denoise: float,
@@ -102,8 +103,7 @@ class CascadeSampler:
             "stage_b_latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
             "seed": c["seed"], "sampler": c["sampler"],
             "c_steps": c["steps"], "c_cfg": c["cfg"], "b_steps": b["steps"], "b_cfg": b["cfg"],
-            "scheduler": c["scheduler"],
-        }}
+        }, "optional": scheduler_input(STAGE_C)}
 
     def sample(self, stage_c_model: Any, stage_b_model: Any, positive: list, negative: list, stage_c_latent: dict,
                stage_b_latent: dict, seed: int, sampler: str, c_steps: int, c_cfg: float, b_steps: int,

@@ -266,6 +266,19 @@ def test_workflows_saved_before_the_scheduler_widget_still_load(name):
     assert headless.to_api_prompt(old, _classes()) == headless.to_api_prompt(wf, _classes())
 
 
+def test_api_prompts_made_before_the_scheduler_input_still_validate_and_run(empty_models, tmp_path):
+    """The scheduler is an optional input: an API prompt without it (one scripted before it existed) passes the
+    checks (ComfyUI's server checks required inputs the same way) and samples with the default schedule."""
+    prompt = headless.to_api_prompt(_load("text_to_image.json"), _classes())
+    for entry in prompt.values():
+        if entry["class_type"] in SCHEDULE_NODES:
+            assert entry["inputs"].pop("scheduler") == "official"
+    order = headless.execution_order(prompt, _classes())
+    headless.validate({i: prompt[i] for i in order}, _classes())
+    paths = headless.run_workflow(prompt, out=str(tmp_path / "old_api.png"))
+    assert paths and os.path.exists(paths[0])
+
+
 def test_missing_widget_values_without_a_default_are_still_refused():
     wf = _load("text_to_image.json")
     loader = next(n for n in wf["nodes"] if n["type"] == "SCW_StageCLoader")
