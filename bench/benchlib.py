@@ -70,3 +70,28 @@ def status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def release_free_memory() -> None:
+    """Hand memory that is freed but still held by the C allocator back to the kernel (glibc ``malloc_trim``).
+
+    Freed blocks the allocator keeps count in the RSS; a later allocation reuses them without raising the RSS
+    high-water mark, which would hide that allocation from a memory measurement. No-op without glibc.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def mem_available_bytes() -> int:
+    """The kernel's estimate of memory available to a new process (``MemAvailable`` in ``/proc/meminfo``)."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not in /proc/meminfo")

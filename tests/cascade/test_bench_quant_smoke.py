@@ -1,6 +1,7 @@
 """bench/bench_quant.py's helpers on tiny networks: the files it writes load in every format, the weight bytes it
 predicts from shapes (its big-network figures) equal the bytes measured on the loaded networks, and the quantized
-outputs it compares stay close to fp32. Seconds on CPU; the real run is the benchmark itself."""
+outputs it compares stay close to fp32; the weights it generates in memory for the big networks (``--source
+generate``) give the same outputs as its files. Seconds on CPU; the real run is the benchmark itself."""
 
 import importlib.util
 
@@ -43,6 +44,19 @@ def test_bench_quant_helpers_on_tiny_networks(tmp_path, net):
         e = bench.errors(torch.load(tmp_path / f"out_{net}_{fmt}.pt"), ref)
         assert 0 < e["rel_l2"] < bound, (fmt, e)
         assert e["max_rel"] >= e["rel_l2"] / 10, (fmt, e)  # a max error is not far below the mean error
+    # ``--source generate`` (the big networks: no files) draws and converts tensor by tensor in memory; it must
+    # give the networks the files give, so its outputs equal theirs bit for bit in every format (they differ
+    # between formats, so equality is not trivial).
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for fmt in formats:
+        g = bench.measure(str(gen), net, fmt, formats, repeats=1, stage_b_size=32, source="generate")
+        assert (g["weight_bytes"], g["n_quantized"], g["source"]) == (
+            rows[fmt]["weight_bytes"], rows[fmt]["n_quantized"], "generate"), fmt
+        out = torch.load(gen / f"out_{net}_{fmt}.pt")
+        assert torch.equal(out, torch.load(tmp_path / f"out_{net}_{fmt}.pt")), fmt
+    assert not torch.equal(torch.load(gen / f"out_{net}_fp32.pt"), torch.load(gen / f"out_{net}_bf16.pt"))
     lines = bench.table(net, {f: dict(r, growth_kib=r["hwm_kib"] - r["base_kib"]) for f, r in rows.items()}, {})
     assert len(lines) == len(formats) and all(ln.count("|") == bench.HEADER.splitlines()[0].count("|")
                                               for ln in lines)
+
