@@ -110,7 +110,7 @@ def _in(layer: str) -> list[Source]:
 
 def test_the_pack_sources_are_found():
     layers = {s.layer for s in SOURCES}
-    assert {"cascade", "host", "model_patches", "nodes", "pipeline", "samplers", "standalone"} <= layers
+    assert {"cascade", "host", "model_patches", "nodes", "pipeline", "samplers", "standalone", "train"} <= layers
     assert {"__init__.py", "headless.py", "host/comfyui.py"} <= {s.rel for s in SOURCES}
 
 
@@ -159,16 +159,23 @@ def test_samplers_are_pure_math():
 
 def test_pipeline_does_not_import_the_node_layer_or_the_runner():
     bad = [f"{_where(src, line)} imports {layer}" for src in _in("pipeline") for layer, line in _internal_layers(src)
+           if layer in ("nodes", "standalone", "train")]
+    assert not bad, bad
+
+
+def test_train_sits_beside_pipeline():
+    """train/ may use cascade, samplers, model_patches, host and pipeline; only nodes (and above) import it."""
+    bad = [f"{_where(src, line)} imports {layer}" for src in _in("train") for layer, line in _internal_layers(src)
            if layer in ("nodes", "standalone")]
     assert not bad, bad
 
 
 @pytest.mark.parametrize("layer", ["cascade", "samplers", "host", "model_patches"])
 def test_lower_layers_do_not_import_upper_ones(layer):
-    upper = {"cascade": ("samplers", "host", "pipeline", "nodes", "model_patches", "standalone"),
-             "samplers": ("host", "pipeline", "nodes", "model_patches", "standalone"),
-             "host": ("pipeline", "nodes", "model_patches", "standalone", "samplers"),
-             "model_patches": ("pipeline", "nodes", "standalone")}[layer]
+    upper = {"cascade": ("samplers", "host", "pipeline", "nodes", "model_patches", "standalone", "train"),
+             "samplers": ("host", "pipeline", "nodes", "model_patches", "standalone", "train"),
+             "host": ("pipeline", "nodes", "model_patches", "standalone", "samplers", "train"),
+             "model_patches": ("pipeline", "nodes", "standalone", "train")}[layer]
     bad = [f"{_where(src, line)} imports {up}" for src in _in(layer) for up, line in _internal_layers(src)
            if up in upper]
     assert not bad, bad

@@ -1,0 +1,251 @@
+"""Stage C's forward for training, written against the network's weights as functions of their keys.
+
+The inference forward (``cascade/stage_c.py``) writes into its own activations (in-place residual adds, fused
+GELU/GRN, reused buffers) and runs in the weights' dtype; autograd needs none of that and the trainer needs
+three things the inference path does not do:
+
+- per-block upcast: ``weights(key)`` returns a weight on the compute device in the training dtype, made from the
+  base weight in its file dtype (bf16 files stay bf16 in memory) plus the LoRA delta when the key is a target;
+  the copy lives only while its block runs (and again while its block is recomputed);
+- gradient checkpointing: each ResBlock / TimestepBlock / AttnBlock runs under ``torch.utils.checkpoint``, so
+  only block inputs stay alive between forward and backward;
+- nothing in place, so gradients flow to the LoRA factors (or, for a full fine-tune, to every weight); a LoRA
+  target's layer runs as ``_LoraLinear``: the merged weight forward (exactly what the loaded LoRA file computes),
+  a low-rank backward (no full-size weight gradient).
+
+The math is the release's (SPEC §3, §4): the same as ``StageC.forward`` in eval mode (dropout off), which
+tests/train/test_train_forward.py checks on random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..cascade.common import GRN_EPS, LN_EPS, AttnBlock, ResBlock, TimestepBlock, timestep_embedding
+from .errors import TrainingInputError
+
+def merge(weight: torch.Tensor, pair: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``W + scale * up @ down`` merged in float32 (as a host's patch merges it), then cast to ``dtype``."""
+    delta = (pair.lora_up @ pair.lora_down) * pair.scale
+    return (weight.to(device=device, dtype=torch.float32) + delta.view(weight.shape)).to(dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``F.linear(x, merged[rows], bias)`` whose backward goes through the low-rank factors.
+
+    The forward uses the merged weight, so it computes exactly what the patched network computes once the LoRA
+    file is loaded. The backward never forms the full weight gradient (``g^T x``, as large as the weight and as
+    costly as the forward GEMM): dL/dup = s g^T (x down^T), dL/ddown = s (g up)^T x, both rank-sized products (what
+    an unmerged LoRA costs). The merged weight is rebuilt in the backward instead of being kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, up, down, bias, pair, rows, device, dtype):  # noqa: D401 - autograd signature
+        w = merge(weight, pair, device, dtype)
+        ctx.save_for_backward(x, up, down)
+        # The frozen base weight needs no grad and is kept as a plain attribute: inside ComfyUI it is an inference
+        # tensor (loaded under torch.inference_mode), which save_for_backward refuses.
+        ctx.weight = weight
+        ctx.pair, ctx.rows, ctx.device, ctx.dtype = pair, rows, device, dtype
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return F.linear(x, w if rows is None else w[rows[0]:rows[1]], bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x, up, down), weight = ctx.saved_tensors, ctx.weight
+        start, stop = ctx.rows if ctx.rows is not None else (0, up.shape[0])
+        gx = None
+        if ctx.needs_input_grad[0]:
+            w = merge(weight, ctx.pair, ctx.device, ctx.dtype)[start:stop]
+            gx = g @ w
+        g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        s = ctx.pair.scale
+        d_up = torch.zeros_like(up) if ctx.rows is not None else None
+        part = (g2.t() @ (x2 @ down.t())) * s
+        if d_up is None:
+            d_up = part
+        else:
+            d_up[start:stop] = part
+        d_down = ((g2 @ up[start:stop]).t() @ x2) * s
+        gb = g2.sum(0).to(g.dtype) if ctx.bias_grad else None
+        return gx, None, d_up, d_down, gb, None, None, None, None
+
+
+class Weights:
+    """The weights a forward computes with, by state-dict key (see module docstring).
+
+    ``w(key)``: ``params[key]`` on ``device`` in ``dtype`` (a LoRA target merged, differentiable in the factors);
+    ``w.linear(key, x, bias_key, rows)``: the layer itself, through ``_LoraLinear`` for a LoRA target.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 pairs: dict[str, Any] | None = None) -> None:
+        self.params, self.device, self.dtype, self.pairs = params, device, dtype, pairs or {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        pair = self.pairs.get(key)
+        if pair is None:
+            t = self.params[key].to(device=self.device, dtype=self.dtype)
+            # Inside ComfyUI the loaded weights are inference tensors, which autograd may not save: a copy per use
+            # (one layer at a time) is; everywhere else this is the weight itself.
+            return t.clone() if torch.is_inference(t) else t
+        return merge(self.params[key], pair, self.device, self.dtype)
+
+    def linear(self, key: str, x: torch.Tensor, bias_key: str | None = None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+        bias = self(bias_key) if bias_key is not None else None
+        if bias is not None and rows is not None:
+            bias = bias[rows[0]:rows[1]]
+        pair = self.pairs.get(key)
+        if pair is None:
+            w = self(key)
+            return F.linear(x, w if rows is None else w[rows[0]:rows[1]], bias)
+        return _LoraLinear.apply(x, self.params[key], pair.lora_up, pair.lora_down, bias, pair, rows, self.device,
+                                 self.dtype)
+
+
+def weight_source(params: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                  pairs: dict[str, Any] | None = None) -> Weights:
+    """The ``Weights`` of ``params`` with LoRA ``pairs`` (key -> object with ``lora_up``, ``lora_down``, ``scale``)."""
+    return Weights(params, device, dtype, pairs)
+
+
+def _ln_channels(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm2d (no affine) of an NCHW tensor."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=LN_EPS).permute(0, 3, 1, 2)
+
+
+def _linear(w: Weights, prefix: str, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    return w.linear(f"{prefix}.weight", x, f"{prefix}.bias" if bias else None)
+
+
+def _conv1x1(w: Weights, prefix: str, x: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    return F.conv2d(x, w(f"{prefix}.weight"), w(f"{prefix}.bias") if has_bias else None)
+
+
+def res_block(w: Weights, p: str, blk: ResBlock, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    conv = blk.depthwise
+    h = F.conv2d(x, w(f"{p}.depthwise.weight"), w(f"{p}.depthwise.bias") if conv.bias is not None else None,
+                 conv.stride, conv.padding, conv.dilation, conv.groups)
+    h = F.layer_norm(h.permute(0, 2, 3, 1), (h.shape[1],), eps=LN_EPS)
+    if skip is not None:
+        h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
+    lin1, lin2 = blk.channelwise[0], blk.channelwise[4]
+    h = F.gelu(_linear(w, f"{p}.channelwise.0", h, lin1.bias is not None))
+    norm = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+    scale = norm / (norm.mean(dim=-1, keepdim=True) + GRN_EPS)
+    h = w(f"{p}.channelwise.2.gamma") * (h * scale) + w(f"{p}.channelwise.2.beta") + h
+    h = _linear(w, f"{p}.channelwise.4", h, lin2.bias is not None)
+    return x + h.permute(0, 3, 1, 2)
+
+
+def timestep_block(w: Weights, p: str, blk: TimestepBlock, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
+    chunks = r_embed.chunk(len(blk.conds) + 1, dim=1)
+    ab = _linear(w, f"{p}.mapper", chunks[0])
+    for name, chunk in zip(blk.conds, chunks[1:]):
+        ab = ab + _linear(w, f"{p}.mapper_{name}", chunk)
+    a, b = ab[:, :, None, None].chunk(2, dim=1)
+    return x * (1 + a) + b
+
+
+def attn_block(w: Weights, p: str, blk: AttnBlock, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    bsz, c, height, width = x.shape
+    kv = _linear(w, f"{p}.kv_mapper.1", F.silu(clip))
+    q_in = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=LN_EPS).reshape(bsz, height * width, c)
+    if blk.self_attn:
+        kv = torch.cat([q_in, kv], dim=1)
+    attn = blk.attention.attn
+    key, bias = f"{p}.attention.attn.in_proj_weight", f"{p}.attention.attn.in_proj_bias"
+    q = w.linear(key, q_in, bias, rows=(0, c))
+    k, v = w.linear(key, kv, bias, rows=(c, 3 * c)).chunk(2, dim=-1)
+    heads, d = attn.nhead, c // attn.nhead
+    q = q.view(bsz, -1, heads, d).transpose(1, 2)
+    k = k.reshape(bsz, -1, heads, d).transpose(1, 2)
+    v = v.reshape(bsz, -1, heads, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(bsz, height * width, c)
+    o = _linear(w, f"{p}.attention.attn.out_proj", o, attn.out_proj.bias is not None)
+    return x + o.transpose(1, 2).reshape(bsz, c, height, width)
+
+
+def _level_change(w: Weights, prefix: str, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Identity):
+        return x
+    block = mod[1]
+    conv = block.blocks[0] if block.mode == "down" else block.blocks[1]
+    j = 0 if block.mode == "down" else 1
+    return _conv1x1(w, f"{prefix}.1.blocks.{j}", _ln_channels(x), conv.bias is not None)
+
+
+class StageCForward:
+    """Runs a Stage C network's forward from ``weights`` (see module docstring); ``net`` gives only structure."""
+
+    def __init__(self, net: nn.Module, grad_checkpointing: bool = True) -> None:
+        cfg = net.config
+        if getattr(cfg, "switch_level", False) or getattr(cfg, "patch_size", 1) != 1:
+            raise TrainingInputError("this Stage C uses switch_level / patch_size > 1, which no release has; the "
+                                     "trainer supports the released layouts (3.6B, lite and smaller variants).")
+        self.net, self.config = net, cfg
+        self.grad_checkpointing = bool(grad_checkpointing)
+
+    def _block(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        return fn(*args)
+
+    def _level(self, w: Weights, prefix: str, blocks: nn.ModuleList, x: torch.Tensor, r_embed: torch.Tensor,
+               clip: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        for k, blk in enumerate(blocks):
+            p = f"{prefix}.{k}"
+            if isinstance(blk, ResBlock):
+                s = skip if k == 0 else None
+                x = self._block(lambda a, b, p=p, blk=blk: res_block(w, p, blk, a, b), x, s)
+            elif isinstance(blk, TimestepBlock):
+                x = self._block(lambda a, t, p=p, blk=blk: timestep_block(w, p, blk, a, t), x, r_embed)
+            elif isinstance(blk, AttnBlock):
+                x = self._block(lambda a, c, p=p, blk=blk: attn_block(w, p, blk, a, c), x, clip)
+            else:
+                raise TrainingInputError(f"Stage C block {p} is a {type(blk).__name__}; the trainer knows ResBlock, "
+                                         "TimestepBlock and AttnBlock (the released level_config 'CTA').")
+        return x
+
+    def __call__(self, w: Weights, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor,
+                 clip_text_pooled: torch.Tensor, clip_img: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """eps prediction (B, 16, h, w) in ``dtype`` from noisy latents ``x`` and noise level ``r`` (B,)."""
+        net, cfg = self.net, self.config
+        embs = [timestep_embedding(r, cfg.c_r)] + [timestep_embedding(torch.zeros_like(r), cfg.c_r)
+                                                   for _ in cfg.t_conds]
+        r_embed = torch.cat(embs, dim=1).to(dtype)
+        bsz, seq = clip_text.shape[0], cfg.c_clip_seq
+        pooled = clip_text_pooled if clip_text_pooled.dim() == 3 else clip_text_pooled.unsqueeze(1)
+        img = clip_img if clip_img.dim() == 3 else clip_img.unsqueeze(1)
+        txt = _linear(w, "clip_txt_mapper", clip_text.to(dtype))
+        pooled = _linear(w, "clip_txt_pooled_mapper", pooled.to(dtype)).view(bsz, pooled.shape[1] * seq, -1)
+        img = _linear(w, "clip_img_mapper", img.to(dtype)).view(bsz, img.shape[1] * seq, -1)
+        clip = torch.cat([txt, pooled, img], dim=1)
+        clip = F.layer_norm(clip, (clip.shape[-1],), eps=LN_EPS)
+        h = _ln_channels(_conv1x1(w, "embedding.1", x.to(dtype), net.embedding[1].bias is not None))
+        level_outputs = []
+        for i, (blocks, down, repmap) in enumerate(zip(net.down_blocks, net.down_downscalers,
+                                                       net.down_repeat_mappers)):
+            h = _level_change(w, f"down_downscalers.{i}", down, h)
+            for n in range(len(repmap) + 1):
+                h = self._level(w, f"down_blocks.{i}", blocks, h, r_embed, clip, None)
+                if n < len(repmap):
+                    h = _conv1x1(w, f"down_repeat_mappers.{i}.{n}", h, repmap[n].bias is not None)
+            level_outputs.insert(0, h)
+        h = level_outputs[0]
+        for u, (blocks, up, repmap) in enumerate(zip(net.up_blocks, net.up_upscalers, net.up_repeat_mappers)):
+            skip = level_outputs[u] if u > 0 else None
+            for n in range(len(repmap) + 1):
+                h = self._level(w, f"up_blocks.{u}", blocks, h, r_embed, clip, skip)
+                if n < len(repmap):
+                    h = _conv1x1(w, f"up_repeat_mappers.{u}.{n}", h, repmap[n].bias is not None)
+            h = _level_change(w, f"up_upscalers.{u}", up, h)
+        return _conv1x1(w, "clf.1", _ln_channels(h), net.clf[1].bias is not None)
