@@ -329,7 +329,9 @@ with torch.no_grad():
     for p in net.parameters():
         p.copy_(torch.randn_like(p))
 base = host.wrap(net, "stage_c")
-assert type(base.patcher).__name__ == "ModelPatcher"
+import comfy.model_patcher
+# ComfyUI's ModelPatcher (the pack's subclass only adds unloading other patchers of the same network, core_interop)
+assert isinstance(base.patcher, comfy.model_patcher.ModelPatcher)
 w0 = net[0].weight.detach().clone()
 lora = base.clone()
 lora.add_patches({"0.weight": torch.ones(8, 8)}, strength=0.5, key="a")
