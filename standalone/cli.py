@@ -1,8 +1,11 @@
 """The standalone command line:
 
-    python headless.py WORKFLOW.json [--models DIR] [--out PNG] [--seed N] [--vram 6G] [-v]
+    python headless.py WORKFLOW.json [--models DIR] [--out PNG] [--seed N] [--vram 6G] [--comfyui PATH] [-v]
 
-(``headless.py`` at the repo root only loads the pack as a package and calls ``main``.)
+(``headless.py`` at the repo root loads the pack as a package and calls ``main``; with ``--comfyui PATH`` or env
+COMFYUI_PATH it first puts that ComfyUI checkout on the path, so the pack runs on ComfyUI's backend and every core
+and custom node of the checkout runs through ComfyUI's own executor, ``comfy_runtime``; without one, the core
+stand-ins of ``core_standins`` run.)
 
 Exit codes; every failure is one error line (or a list of problems) on stderr, never a traceback - ``-v``
 adds the traceback at debug level:
@@ -35,7 +38,8 @@ log = logging.getLogger("comfyui_stablecascade.standalone")
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, comfyui: str | None = None) -> int:
+    """The command line; ``comfyui`` is the default of ``--comfyui`` (headless.py passes env COMFYUI_PATH)."""
     parser = argparse.ArgumentParser(description="Run a ComfyUI workflow with ComfyUI-StableCascade, no ComfyUI.")
     parser.add_argument("workflow", help="workflow JSON (ComfyUI UI format or API prompt)")
     parser.add_argument("--models", help="ComfyUI-style models folder (default: env SCW_MODELS_DIR; with none, the "
@@ -48,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram", help="memory budget of the compute device, e.g. 6G or 7.5G (default: env "
                                        "SCW_MEMORY_BUDGET, else 90%% of the GPU); Stage C/B that do not fit are "
                                        "streamed block by block from the CPU")
+    parser.add_argument("--comfyui", default=comfyui, metavar="PATH",
+                        help="a ComfyUI checkout (default: env COMFYUI_PATH): run every core and custom node it has "
+                             "through ComfyUI itself, with its memory manager; run with ComfyUI's Python. Without it, "
+                             "stand-ins run the core nodes used with Stable Cascade (docs/CORE_INTEROP.md)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (with tracebacks)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    level, fmt = logging.DEBUG if args.verbose else logging.INFO, "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, stream=sys.stderr, format=fmt, datefmt="%H:%M:%S")
+    if args.comfyui:  # ComfyUI's import-time warnings (logging.warning) set up the root logger before basicConfig
+        logging.getLogger().setLevel(level)
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
     if args.vram is not None:
         try:
             budget = parse_bytes(args.vram, "--vram")
@@ -62,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             log.error("ComfyUI-StableCascade: --vram %s is not a positive size; give e.g. --vram 6G", args.vram)
             return EXIT_BAD_INPUT
         host.set_memory_budget(budget)
+        if args.comfyui:
+            log.warning("ComfyUI-StableCascade: --vram sets the built-in memory manager's budget; with --comfyui, "
+                        "ComfyUI's manager decides (it loads what does not fit partially)")
     if args.models and not os.path.isdir(args.models):
         log.error("ComfyUI-StableCascade: --models %s is not a folder; give ComfyUI's models folder (the one holding "
                   "diffusion_models/, vae/, text_encoders/...)", args.models)
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loader runs its tiny random demo network.")
     try:
         paths = run_workflow(args.workflow, out=args.out, output_dir=args.output_dir, seed=args.seed,
-                             models=args.models, input_dir=args.input_dir)
+                             models=args.models, input_dir=args.input_dir, comfyui=args.comfyui)
     except (WorkflowError, CascadeError) as exc:
         log.error("ComfyUI-StableCascade: %s", exc)
         log.debug("ComfyUI-StableCascade: traceback", exc_info=True)

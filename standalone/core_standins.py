@@ -1,5 +1,7 @@
-"""Stand-ins for the few ComfyUI core nodes the shipped workflows use (SaveImage, PreviewImage, LoadImage), for
-the headless runner only: same inputs and widgets as core's, so a workflow runs unchanged.
+"""Stand-ins for the ComfyUI core nodes shared Stable Cascade workflows use, for the headless runner without a
+ComfyUI checkout: SaveImage, PreviewImage, LoadImage and LoadImageMask here, the image nodes (ImageScale, Canny,
+ImageCompositeMasked...) in ``standins_image``, the mask and latent-batch nodes in ``standins_mask``. Same inputs
+and widgets as core's, so a workflow runs unchanged; with ``--comfyui PATH`` the runner uses core's own nodes instead.
 
 They are deliberately NOT in NODE_CLASS_MAPPINGS (core registers the real ones inside ComfyUI); the runner
 (headless.py) adds them. Writing goes where the runner's OutputPlan says, not to a global output folder.
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
+
+from . import standins_image, standins_mask
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +121,58 @@ def load_image_class(input_dir: str) -> type:
     return LoadImage
 
 
+def _open(path: str) -> Image.Image:
+    with Image.open(path) as raw:
+        img = ImageOps.exif_transpose(raw)
+        img.load()
+    return img.point(lambda v: v * (1 / 255)) if img.mode == "I" else img  # 16-bit PNGs, as core reads them
+
+
 def read_image(path: str) -> tuple[Any, Any]:
-    """(IMAGE 1 x H x W x 3 in [0, 1], MASK 1 x H x W) as core's LoadImage gives them (mask = 1 - alpha)."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        if "A" in img.getbands():
-            mask = 1.0 - torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)[None]
-        else:
-            mask = torch.zeros(1, 64, 64)
-    return rgb, mask
+    """(IMAGE 1 x H x W x 3 in [0, 1], MASK 1 x H x W) as core's LoadImage gives them (mask = 1 - alpha; a
+    palette image's transparency counts as alpha; no alpha: a 64 x 64 zero mask)."""
+    img = _open(path)
+    rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+    if "A" in img.getbands():
+        alpha = img.getchannel("A")
+    elif img.mode == "P" and "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+    else:
+        return rgb, torch.zeros(1, 64, 64)
+    return rgb, 1.0 - torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None]
+
+
+def read_mask(path: str, channel: str) -> Any:
+    """MASK 1 x H x W of one channel, as core's LoadImageMask (alpha inverted: 1 - alpha)."""
+    img = _open(path)
+    rgba = img if img.getbands() == ("R", "G", "B", "A") else img.convert("RGBA")
+    band = channel[0].upper()
+    mask = torch.from_numpy(np.asarray(rgba.getchannel(band), dtype=np.float32) / 255.0)
+    return (1.0 - mask if band == "A" else mask)[None]
+
+
+def load_image_mask_class(input_dir: str) -> type:
+    """A stand-in for core's LoadImageMask reading ``input_dir``."""
+    base = load_image_class(input_dir)
+
+    class LoadImageMask:
+        RETURN_TYPES = ("MASK",)
+        FUNCTION = "load_image"
+        CATEGORY = "mask"
+        INPUT_DIR = input_dir
+
+        @classmethod
+        def INPUT_TYPES(cls) -> dict:
+            image = base.INPUT_TYPES()["required"]["image"]
+            return {"required": {"image": image, "channel": (["alpha", "red", "green", "blue"],)}}
+
+        def load_image(self, image: str, channel: str) -> tuple[Any]:
+            return (read_mask(os.path.join(self.INPUT_DIR, image), channel),)
+
+    return LoadImageMask
 
 
 def core_standins(input_dir: str = "input") -> dict[str, type]:
-    """Core node type -> stand-in class; LoadImage reads ``input_dir``."""
-    return {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": load_image_class(input_dir)}
+    """Core node type -> stand-in class; LoadImage and LoadImageMask read ``input_dir``."""
+    return {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "LoadImage": load_image_class(input_dir),
+            "LoadImageMask": load_image_mask_class(input_dir), **standins_image.STANDINS, **standins_mask.STANDINS}

@@ -23,14 +23,15 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from .. import host
 from ..cascade.errors import CascadeError, SamplingInterrupted
 from ..nodes import NODE_CLASS_MAPPINGS
 from ..nodes.common import DEMO_CHOICE
-from . import core_standins
+from . import comfy_runtime, core_standins
+from .migrate import migrate_prompt
 from .structure import WorkflowError, check_structure
 
 log = logging.getLogger("comfyui_stablecascade.standalone")
@@ -61,6 +62,9 @@ class NodeError(RuntimeError):
         elif isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
             message = (f"{label} ran out of memory ({type(error).__name__}: {error}) - use a smaller width, height "
                        "or batch, bf16 weights, or free memory; -v shows where")
+        elif class_type not in NODE_CLASS_MAPPINGS:  # a core node (or its stand-in) or another pack's node
+            message = (f"{label} failed with {type(error).__name__}: {error} - check its inputs; run again with -v "
+                       "for the traceback")
         else:
             message = (f"{label} failed with an unexpected {type(error).__name__}: {error} - the pack did not expect "
                        "this; run again with -v for the traceback (and report it if the inputs look right)")
@@ -193,8 +197,7 @@ def to_api_prompt(workflow: Mapping, classes: Mapping[str, type]) -> dict[str, d
             continue
         cls = classes.get(node["type"])
         if cls is None:
-            raise WorkflowError(f"node {node_id}: unknown node type {node['type']!r}; the runner knows the pack's "
-                                f"nodes and the core nodes {list(CORE_NODES)} - install or replace it")
+            raise comfy_runtime.unknown_node_error(str(node_id), node["type"], classes)
         inputs = _widget_values(node, cls)
         for socket in node.get("inputs", []) or []:
             source = _resolve_source(nodes, links, socket.get("link"))
@@ -208,12 +211,14 @@ def to_api_prompt(workflow: Mapping, classes: Mapping[str, type]) -> dict[str, d
 # ---- checks, as ComfyUI's server does them ----------------------------------------------------------
 
 
-def _check_value(node_id: str, cls: type, name: str, spec: Any, value: Any) -> None:
+def _check_value(node_id: str, cls: type, name: str, spec: Any, value: Any, bounded: bool = True) -> None:
+    """As ComfyUI's server: ``bounded`` False (the node's VALIDATE_INPUTS takes this input) skips the options and
+    min/max checks, which the node then owns; types and finiteness are still checked."""
     kind, options = _spec_type_and_options(spec)
     where = f"node {node_id} ({getattr(cls, 'NODE_ID', cls.__name__)}) input {name!r}"
     choices = combo_options(spec)
     if choices is not None:
-        if value not in choices:
+        if bounded and value not in choices:
             raise WorkflowError(f"{where}: {value!r} is not one of {choices}")
         return
     if kind in ("INT", "FLOAT"):
@@ -225,9 +230,9 @@ def _check_value(node_id: str, cls: type, name: str, spec: Any, value: Any) -> N
                                 f"{options.get('min', '-inf')}..{options.get('max', 'inf')}")
         if kind == "INT" and value != int(value):
             raise WorkflowError(f"{where}: {value!r} is not an integer")
-        if "min" in options and value < options["min"]:
+        if bounded and "min" in options and value < options["min"]:
             raise WorkflowError(f"{where}: {value} is below the minimum {options['min']}")
-        if "max" in options and value > options["max"]:
+        if bounded and "max" in options and value > options["max"]:
             raise WorkflowError(f"{where}: {value} is above the maximum {options['max']}")
     elif kind == "STRING" and not isinstance(value, str):
         raise WorkflowError(f"{where}: {value!r} is not a string")
@@ -254,24 +259,42 @@ def _check_model_files(node_id: str, cls: type, inputs: dict) -> None:
         inputs["file_name"] = DEMO_CHOICE
         return
     demo = "; the tiny demo network does not stand in for them" if choices == [DEMO_CHOICE] else ""
-    try:
-        host.model_path(folders, value)
-    except CascadeError as exc:
-        raise WorkflowError(f"{where}: {exc}{demo}") from None
     why = dict(refused).get(value)
     if why is not None:  # the named file is there, and is one the pack refuses
         raise WorkflowError(f"{where}: {value!r} is in the models folder but is {why}{demo}")
-    # Any other file that is there (offered under another spelling, or not weights at all): the loader reads it
-    # and names what is wrong with it.
+    # The loader's own check gives the text the browser shows (which folder, what the file is, where the release
+    # lives). Any other file that is there (another spelling, or not weights at all): the loader reads it and names
+    # what is wrong with it.
+    check = getattr(cls, "VALIDATE_INPUTS", None)
+    found = check(file_name=value) if check is not None else True
+    if found is not True:
+        raise WorkflowError(f"{where}: {str(found).rstrip('.') if demo else found}{demo}")
 
 
-def validate(prompt: dict[str, dict], classes: Mapping[str, type]) -> None:
-    """Missing inputs, links to missing nodes, widget values out of range, VALIDATE_INPUTS messages."""
+def validate(prompt: dict[str, dict], classes: Mapping[str, type], checked: Collection[str] | None = None) -> None:
+    """Missing inputs, links to missing nodes, widget values out of range, VALIDATE_INPUTS messages. Missing model
+    files come first, all of them in one error (as ComfyUI names each loader whose file is missing). ``checked``:
+    the node types to check (default all; with --comfyui, the pack's, ComfyUI's own check follows)."""
+    missing = []
     for node_id, entry in prompt.items():
+        if checked is not None and entry["class_type"] not in checked:
+            continue
+        try:
+            _check_model_files(node_id, classes[entry["class_type"]], entry["inputs"])
+        except WorkflowError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise WorkflowError("\n".join(missing) if len(missing) == 1 else
+                            f"{len(missing)} model files are missing:\n" + "\n".join(f"- {m}" for m in missing))
+    for node_id, entry in prompt.items():
+        if checked is not None and entry["class_type"] not in checked:
+            continue
         cls = classes[entry["class_type"]]
         inputs = entry["inputs"]
-        _check_model_files(node_id, cls, inputs)
         required = cls.INPUT_TYPES().get("required", {})
+        check = getattr(cls, "VALIDATE_INPUTS", None)
+        owned = inspect.getfullargspec(check) if check is not None else None
+        owns = (lambda name: bool(owned.varkw) or name in owned.args) if owned else (lambda name: False)
         for name, spec in input_specs(cls).items():
             value = inputs.get(name)
             if value is None:
@@ -283,8 +306,7 @@ def validate(prompt: dict[str, dict], classes: Mapping[str, type]) -> None:
                     raise WorkflowError(f"node {node_id}: input {name!r} is linked to node {value[0]}, which does "
                                         "not run (muted, bypassed without a matching input, or missing)")
             else:
-                _check_value(node_id, cls, name, spec, value)
-        check = getattr(cls, "VALIDATE_INPUTS", None)
+                _check_value(node_id, cls, name, spec, value, bounded=not owns(name))
         if check is not None:
             params = inspect.signature(check).parameters
             result = check(**{k: v for k, v in inputs.items() if k in params and not isinstance(v, list)})
@@ -448,26 +470,35 @@ def _normalise_prompt(prompt: Mapping[str, dict], classes: Mapping[str, type]) -
             if isinstance(value, list):
                 entry["inputs"][name] = [str(value[0]), value[1]]  # API prompts may give node ids as numbers
         if entry["class_type"] not in classes:
-            raise WorkflowError(f"node {node_id}: unknown node type {entry['class_type']!r}; the runner knows the "
-                                f"pack's nodes and the core nodes {list(CORE_NODES)} - install or replace it")
+            raise comfy_runtime.unknown_node_error(node_id, entry["class_type"], classes)
 
 
 def run_workflow(source: str | Mapping, out: str | None = None, output_dir: str = "output", seed: int | None = None,
-                 models: str | None = None, input_dir: str | None = None) -> list[str]:
-    """Check and run a workflow; returns the paths of the images written."""
+                 models: str | None = None, input_dir: str | None = None, comfyui: str | None = None) -> list[str]:
+    """Check and run a workflow; returns the paths of the images written. ``comfyui``: a ComfyUI checkout whose
+    core and custom nodes run through its own executor (``comfy_runtime``), instead of the core stand-ins."""
     if models:
         host.set_models_dir(models)
-    classes = node_classes(input_dir or default_input_dir(source))
+    input_dir = input_dir or default_input_dir(source)
+    runtime = comfy_runtime.start(comfyui, models, input_dir, output_dir, out) if comfyui else None
+    classes = runtime.classes if runtime else node_classes(input_dir)
+    host.set_io_dirs(input_dir, output_dir)  # folders a node reads or writes by itself (training sets, states)
     workflow, data = read_workflow(source)
     with _in_file(source):
         prompt = to_api_prompt(workflow, classes) if workflow is not None else data
         _normalise_prompt(prompt, classes)
+        migrate_prompt(prompt)  # inputs saved by older versions of the pack: today's names and units
         if seed is not None:
             override_seed(workflow, prompt, classes, seed)
         # As ComfyUI: only what an output needs is checked and run.
-        validate({node_id: prompt[node_id] for node_id in execution_order(prompt, classes)}, classes)
+        needed = {node_id: prompt[node_id] for node_id in execution_order(prompt, classes)}
+        validate(needed, classes, NODE_CLASS_MAPPINGS if runtime else None)
+        outputs = runtime.validate(prompt) if runtime else []
     output = core_standins.OutputPlan(directory=output_dir, out=out)
-    execute(prompt, classes, workflow, output)
+    if runtime:
+        runtime.execute(prompt, outputs, workflow, output)
+    else:
+        execute(prompt, classes, workflow, output)
     if any(DEMO_CHOICE in e["inputs"].values() for e in prompt.values()):
         log.warning("ComfyUI-StableCascade: this run used tiny random networks, so the image is NOISE. Install the "
                     "weights named in the warnings above (see README, 'Which file goes where') and run again.")
