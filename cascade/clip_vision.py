@@ -86,13 +86,14 @@ class ClipVisionConfig:
         )
 
 
-def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+def clip_preprocess(images: torch.Tensor, size: int = 224, crop: bool = True) -> torch.Tensor:
     """(B, H, W, 3) images in [0, 1] (ComfyUI IMAGE) -> (B, 3, size, size) normalised, float32.
 
     Same steps as the official ``Resize(224, BICUBIC)`` + ``CenterCrop(224)`` + ``Normalize``:
     the shorter side becomes ``size`` and the longer ``int(size * long / short)``; torch's antialiased
     bicubic (a = -0.5 like PIL, no clamping); the crop offset is ``int(round((H - size) / 2))`` as in
     torchvision. Computed in float32 whatever the input dtype (CPUs lack bf16 interpolation).
+    ``crop=False`` (core's CLIPVisionEncode crop "none") squeezes the whole image to size x size instead.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ShapeError(f"images of shape {tuple(images.shape)}; expected (B, H, W, 3), ComfyUI's IMAGE layout.")
@@ -101,6 +102,8 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     short, long = (h, w) if h <= w else (w, h)
     new_long = int(size * long / short)
     new_hw = (size, new_long) if h <= w else (new_long, size)
+    if not crop:
+        new_hw = (size, size)
     if new_hw != (h, w):
         x = F.interpolate(x, size=new_hw, mode="bicubic", align_corners=False, antialias=True)
     top = int(round((new_hw[0] - size) / 2.0))
@@ -183,9 +186,10 @@ class ClipVision(nn.Module):
         return self.visual_projection.weight.dtype
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) images in [0, 1] -> ``image_embeds`` (B, projection_dim), e.g. (B, 768)."""
-        pixels = clip_preprocess(images.to(self.device), self.config.image_size)
+    def encode(self, images: torch.Tensor, crop: bool = True) -> torch.Tensor:
+        """(B, H, W, 3) images in [0, 1] -> ``image_embeds`` (B, projection_dim), e.g. (B, 768); ``crop``: center
+        crop to a square (official) or squeeze the whole image (``clip_preprocess``)."""
+        pixels = clip_preprocess(images.to(self.device), self.config.image_size, crop)
         return self.encode_pixels(pixels)
 
     @torch.no_grad()

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -24,6 +25,13 @@ from .errors import ShapeError
 
 CANNY_RESIZE = 224
 CANNY_LOW, CANNY_HIGH = 100, 200
+# Thresholds users enter are in core's units (ComfyUI's Canny node, kornia): the 3x3 Sobel magnitude of the image in
+# [0, 1], a sharp black-to-white step reaching 4. OpenCV's are the same Sobel on the 8-bit image, so one core unit
+# is 255 OpenCV units: the release's 100 / 200 are 0.392 / 0.784 (rounded to OpenCV's integers, exactly 100 / 200).
+OPENCV_PER_UNIT = 255
+CANNY_METHODS = ("official", "core")
+CORE_BLUR_SIZE, CORE_BLUR_SIGMA = 5, 1.0  # core's Canny blurs first (kornia's defaults); OpenCV's does not
+CORE_EPS = 1e-6  # inside the magnitude's square root, as core's: a flat pixel has magnitude 1e-3, never an edge
 # OpenCV's tan(22.5 deg) in Q15 fixed point, so direction bins match its integer arithmetic exactly.
 _CANNY_SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
@@ -111,25 +119,84 @@ def canny_uint8(image: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH)
     return edges.astype(np.uint8) * 255
 
 
-def canny_filter(images: torch.Tensor, low: int = CANNY_LOW, high: int = CANNY_HIGH,
-                 resize: int | None = CANNY_RESIZE) -> torch.Tensor:
-    """The official CannyFilter: (B, 3, H, W) in [0, 1] -> edges (B, 1, H, W) in [0, 1], float32.
+def opencv_threshold(value: float) -> int:
+    """A threshold in core's units (0.392) as OpenCV's integer (100): OpenCV's L1 gradients of 8-bit images are
+    integers, so rounding to the nearest one loses nothing a user can see and makes 0.392 exactly the release's 100."""
+    return int(round(float(value) * OPENCV_PER_UNIT))
 
-    ``resize`` (224 in the release; None or 0 keeps the size) is the square side the edges are found at;
-    the image is truncated to uint8 as ``x.mul(255).numpy().astype(uint8)`` does.
+
+def canny_filter(images: torch.Tensor, low: float = CANNY_LOW, high: float = CANNY_HIGH,
+                 resize: int | None = CANNY_RESIZE, method: str = "official") -> torch.Tensor:
+    """Canny edges of (B, 3, H, W) in [0, 1] -> (B, 1, H, W) in [0, 1], float32, found at ``resize`` x ``resize``
+    (224 in the release; None or 0 keeps the size) and resized back bilinearly, as the official CannyFilter.
+
+    ``method`` "official": OpenCV's Canny on the image truncated to uint8 as ``x.mul(255).numpy().astype(uint8)``,
+    thresholds in OpenCV's units (the release: 100, 200). "core": ComfyUI's Canny node (``canny_core``), thresholds
+    in core's units (0.4, 0.8 its defaults).
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ShapeError(f"canny: images have shape {tuple(images.shape)}; expected (B, 3, H, W) RGB in [0, 1]")
+    if method not in CANNY_METHODS:
+        raise ShapeError(f"canny: method {method!r} is not one of {list(CANNY_METHODS)}")
     x = images.detach().to("cpu", torch.float32)
     size = tuple(x.shape[-2:])
     if resize:
         x = F.interpolate(x, size=(int(resize), int(resize)), mode="bilinear")
-    # Clamp first: a float outside [0, 255] has no defined uint8 cast; inside, numpy truncates like the release.
-    pixels = x.mul(255).clamp(0, 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    edges = torch.stack([torch.from_numpy(canny_uint8(p, low, high)) for p in pixels])[:, None].float().div(255)
+    if method == "core":
+        edges = canny_core(x, float(low), float(high))
+    else:
+        # Clamp first: a float outside [0, 255] has no defined uint8 cast; inside, numpy truncates like the release.
+        pixels = x.mul(255).clamp(0, 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+        edges = torch.stack([torch.from_numpy(canny_uint8(p, low, high)) for p in pixels])[:, None].float().div(255)
     if resize:
         edges = F.interpolate(edges, size=size, mode="bilinear")
     return edges
+
+
+def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+def _core_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx, dy (B, 1, H, W) as core's Canny takes them: BT.601 grey, a separable Gaussian with mirrored borders
+    (horizontal pass first), then the unnormalised 3x3 Sobel (cross-correlation) with replicated borders."""
+    grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    g = _gaussian_1d(CORE_BLUR_SIZE, CORE_BLUR_SIGMA)
+    r = CORE_BLUR_SIZE // 2
+    grey = F.conv2d(F.pad(grey, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+    grey = F.conv2d(F.pad(grey, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernels = torch.stack([sobel_x, sobel_x.t()])[:, None]
+    grad = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    return grad[:, 0:1], grad[:, 1:2]
+
+
+def canny_core(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Edges (B, 1, H, W) of 0 / 1 of (B, 3, H, W) in [0, 1], as ComfyUI's Canny node finds them (kornia's canny
+    with its defaults): L2 magnitude sqrt(dx^2 + dy^2 + eps) of ``_core_gradients``; non-maximum suppression
+    along the gradient direction rounded to 45 degrees (a pixel must beat both neighbours, ties kept only toward
+    the neighbour right of / below it, as OpenCV); weak above ``low``, strong above ``high`` (strict), weak pixels
+    8-connected to a strong one kept."""
+    gx, gy = _core_gradients(x.to(torch.float32))
+    h, w = gx.shape[-2:]
+    mag = torch.sqrt(F.pad(gx, (1, 1, 1, 1)) ** 2 + F.pad(gy, (1, 1, 1, 1)) ** 2 + CORE_EPS)  # zero ring outside
+    centre = mag[..., 1:1 + h, 1:1 + w]
+    # Direction k (0..7) is the angle k x 45 degrees, y pointing down: k = 0 right, 2 down, 4 left, 6 up.
+    steps = [(round(math.sin(k * math.pi / 4)), round(math.cos(k * math.pi / 4))) for k in range(8)]
+    around = torch.stack([mag[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in steps])
+    k = torch.round(torch.nan_to_num(torch.atan2(gy, gx)) * (4 / math.pi)).long()
+
+    def beats(direction: torch.Tensor) -> torch.Tensor:
+        neighbour = torch.gather(around, 0, direction[None])[0]
+        tie_ok = (direction == 0) | (direction == 2)
+        return (centre > neighbour) | (tie_ok & (centre == neighbour))
+
+    is_max = beats(k % 8) & beats((k + 4) % 8) & (centre > math.sqrt(CORE_EPS))
+    ridge = centre * is_max
+    edges = [_hysteresis((r > low).numpy(), (r > high).numpy()) for r in ridge[:, 0]]
+    return torch.from_numpy(np.stack(edges))[:, None].float()
 
 
 # ---- inpainting / outpainting -------------------------------------------------------------------------

@@ -52,7 +52,13 @@ def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
 
 
 def stage_c_latent_size(side: int, compression: float = COMPRESSION) -> int:
-    """Stage C latent cells along one side of the final image: ceil(side / compression) (1024 -> 24)."""
+    """Stage C latent cells along one side of the final image. One rule serves both conventions users bring:
+    a whole-number compression is core's (``StableCascade_EmptyLatentImage``: an INT, ``side // compression``;
+    42 gives 1024 -> 24, 768 -> 18), a fractional one the official ``calculate_latent_sizes`` (``ceil(side /
+    compression)``; 42.67 gives 1024 -> 24, 768 -> 18). They differ only where the division is inexact, e.g.
+    1024 / 42: core 24, ceil 25."""
+    if float(compression).is_integer():
+        return int(side) // int(compression)
     return math.ceil(side / compression)
 
 
@@ -174,3 +180,47 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 def format_psnr(value: float) -> str:
     """'inf dB (identical)' for +inf, else the value with two decimals."""
     return "inf dB (identical)" if math.isinf(value) else f"{value:.2f} dB"
+
+
+# ---- inpainting paste-back ------------------------------------------------------------------------------
+
+
+def _blur(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur (sigma radius / 2, support 2 radius + 1) of (B, 1, H, W) with replicated borders."""
+    x = torch.arange(2 * radius + 1, dtype=torch.float32) - radius
+    g = torch.exp(-(x * x) / (2 * (radius / 2) ** 2))
+    g = (g / g.sum()).to(mask.dtype)
+    mask = F.conv2d(F.pad(mask, (radius, radius, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(mask, (0, 0, radius, radius), mode="replicate"), g.view(1, 1, -1, 1))
+
+
+def paste_mask(mask: torch.Tensor, size: tuple[int, int], grow: int, feather: int) -> torch.Tensor:
+    """The blend mask of a paste-back at ``size`` (H, W): ``mask`` (B, 1, h, w; 1 = generated, above 0.5 counts)
+    resized, grown by ``grow`` pixels (a square max filter), its edge blurred over ``feather`` pixels; the masked
+    region itself stays 1, so every pixel that was generated is kept whole."""
+    m = mask.to(torch.float32)
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    hard = (m > 0.5).to(torch.float32)
+    out = F.max_pool2d(hard, 2 * grow + 1, stride=1, padding=grow) if grow > 0 else hard
+    if feather > 0:
+        out = torch.maximum(_blur(out, feather), hard)
+    return out.clamp(0.0, 1.0)
+
+
+def paste_back(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, grow: int,
+               feather: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, blend mask): the generated (B, 3, H, W) where the mask says, the original elsewhere, at the
+    generated image's size (the original is resized to it, antialiased bilinear). Batches of 1 are broadcast."""
+    size = tuple(generated.shape[-2:])
+    if tuple(original.shape[-2:]) != size:
+        original = F.interpolate(original.to(torch.float32), size=size, mode="bilinear", align_corners=False,
+                                 antialias=True)
+    blend = paste_mask(mask, size, grow, feather)
+    batch = max(original.shape[0], generated.shape[0], blend.shape[0])
+    for name, t in (("original", original), ("generated", generated), ("mask", blend)):
+        if t.shape[0] not in (1, batch):
+            raise ShapeError(f"paste back: the {name} batch is {t.shape[0]}, the others {batch}; give batches of 1 "
+                             "or of the same size")
+    out = original.to(torch.float32) * (1 - blend) + generated.to(torch.float32) * blend
+    return out.clamp(0.0, 1.0), blend.expand(batch, -1, -1, -1)

@@ -13,7 +13,11 @@ callers never ask which one runs. Set ``SCW_NO_COMFY=1`` to use the built-in one
 - devices and layers: ``compute_device()``, ``offload_device()``, ``intermediate_device()``,
   ``operations(manual_cast)``, ``free_memory(device)``;
 - ``progress(total).update(i, preview_image)``, ``check_interrupt()`` / ``request_interrupt()``;
-- ``model_files(folders)`` / ``model_path(folders, name)``.
+- ``model_files(folders)`` / ``model_path(folders, name)`` / ``save_folder(folder)``; ``input_directory()`` /
+  ``output_directory()``; ``progress_text(text, node_id)``;
+- inside ComfyUI: ``to_core_model(handle)`` and ``from_core_model`` / ``from_core_clip`` / ``from_core_vae``
+  (core's MODEL, CLIP and VAE both ways, host/core_interop.py; outside they raise a CascadeError saying so);
+- the standalone runner's --comfyui: ``comfyui_runtime_modules()`` (ComfyUI's nodes, execution, folder_paths...).
 """
 
 from __future__ import annotations
@@ -162,6 +166,38 @@ def memory_budget() -> int:
     return _BUILTIN.manager.budget()
 
 
+# ----------------------------------------------------------------------------- core's MODEL, CLIP and VAE
+
+
+def _core_interop(what: str) -> Callable[..., Any]:
+    found = getattr(BACKEND, what, None)
+    if found is None:
+        raise CascadeError(f"{what}: ComfyUI core's MODEL, CLIP and VAE exist only inside ComfyUI, and this run has "
+                           "no ComfyUI - run the workflow in ComfyUI, or use the pack's loaders instead of core's")
+    return found
+
+
+def to_core_model(handle: ModelHandle) -> Any:
+    """The handle's Stage C / B as a core MODEL (a ComfyUI ModelPatcher) for KSampler and core's model nodes: the
+    pack's network and patches under core's model_sampling (host/core_interop.py). Inside ComfyUI only."""
+    return _core_interop("to_core_model")(handle)
+
+
+def from_core_model(model: Any, stage: str) -> ModelHandle:
+    """A core MODEL holding Stable Cascade Stage ``stage`` ("c" / "b") as a handle the pack's samplers take."""
+    return _core_interop("from_core_model")(model, stage)
+
+
+def from_core_clip(clip: Any) -> ModelHandle:
+    """A core CLIP of type stable_cascade as a text-encoder handle (core's tokenizer and encoder compute)."""
+    return _core_interop("from_core_clip")(clip)
+
+
+def from_core_vae(vae: Any) -> ModelHandle:
+    """A core VAE holding Stage A as a Stage A handle (core's network decodes and encodes)."""
+    return _core_interop("from_core_vae")(vae)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -276,3 +312,46 @@ def refused_files(folder_names: str | Sequence[str]) -> list[tuple[str, str]]:
 def model_path(folder_names: str | Sequence[str], name: str) -> str:
     """The full path of ``name`` in the first of the model folders that holds it; a clear error otherwise."""
     return BACKEND.model_path(_as_list(folder_names), name)
+
+
+def save_folder(folder_name: str) -> str:
+    """Where a new file of a model folder is written (e.g. a trained LoRA in ``loras``): ComfyUI's first path of
+    that folder; outside, that folder of the models folder (``./models`` when none is set)."""
+    return BACKEND.save_folder(folder_name)
+
+
+# ----------------------------------------------------------------------------- input and output folders
+
+
+def set_io_dirs(input_dir: str | None = None, output_dir: str | None = None) -> None:
+    """Built-in backend: ComfyUI-style input and output folders (else ``SCW_INPUT_DIR`` / ``SCW_OUTPUT_DIR``,
+    else ./input and ./output); the standalone runner sets them from its options."""
+    _BUILTIN.input_dir, _BUILTIN.output_dir = input_dir, output_dir
+
+
+def input_directory() -> str:
+    """ComfyUI's input folder (user images, training sets), absolute."""
+    return BACKEND.input_directory()
+
+
+def output_directory() -> str:
+    """ComfyUI's output folder, absolute."""
+    return BACKEND.output_directory()
+
+
+def progress_text(text: str, node_id: str | None = None) -> None:
+    """A line of status text under a running node (ComfyUI's progress text; outside, a log line)."""
+    BACKEND.progress_text(text, node_id)
+
+
+# ----------------------------------------------------------------------------- the standalone runner's --comfyui
+
+
+def comfyui_runtime_modules() -> Any:
+    """ComfyUI's own modules (``nodes``, ``execution``, ``folder_paths``, ``server``, ...) for the standalone
+    runner's --comfyui mode, which runs core and custom nodes through them (standalone/comfy_runtime.py); a
+    CascadeError naming why when this process does not run on ComfyUI's backend."""
+    if not BACKEND.in_comfyui:
+        why = comfyui.UNAVAILABLE or "ComfyUI was not on the Python path when the pack was imported"
+        raise CascadeError(f"ComfyUI is not in use: {why}")
+    return comfyui.runtime_modules()

@@ -296,6 +296,8 @@ class BuiltinBackend:
     def __init__(self) -> None:
         self.manager = BuiltinManager(self.compute_device)
         self.models_dir: str | None = None
+        self.input_dir: str | None = None  # ComfyUI's input/ (the standalone runner sets it)
+        self.output_dir: str | None = None  # ComfyUI's output/ (the standalone runner sets it)
         self.progress_hook: Callable[[int, int, Any], None] | None = None
         self.interrupt = threading.Event()
 
@@ -415,6 +417,20 @@ class BuiltinBackend:
     def refused_files(self, folder_names: Sequence[str]) -> list[tuple[str, str]]:
         """(name, why) of the files in the model folders that the pack will not read (pickles, other formats)."""
         return refused_in(self._dirs(folder_names))
+
+    def save_folder(self, folder_name: str) -> str:
+        # Without a models folder, ./models (ComfyUI's layout) so a headless training run still has somewhere to go.
+        sub = FOLDER_ALIASES.get(folder_name, (folder_name,))[0]
+        return os.path.abspath(os.path.join(self._root() or "models", sub))
+
+    def input_directory(self) -> str:
+        return os.path.abspath(self.input_dir or os.environ.get("SCW_INPUT_DIR") or "input")
+
+    def output_directory(self) -> str:
+        return os.path.abspath(self.output_dir or os.environ.get("SCW_OUTPUT_DIR") or "output")
+
+    def progress_text(self, text: str, node_id: str | None) -> None:
+        log.info("ComfyUI-StableCascade: %s", text)
 
 
 def load() -> BuiltinBackend:

@@ -9,7 +9,9 @@ the interrupt flag. ``load()`` returns None when ComfyUI is not importable (or `
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import sys
 import uuid
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -19,8 +21,11 @@ import torch
 from torch import nn
 
 from ..cascade.errors import CheckpointError
+from . import core_interop as interop
 from .builtin import PatchValue
 from .folders import WEIGHT_EXTENSIONS, missing_file_message, refused_in
+
+log = logging.getLogger(__name__)
 
 # Key under which the pack registers its ModelPatcher callbacks, so they never collide with other packs.
 PATCH_OWNER = "scw"
@@ -54,6 +59,7 @@ class ComfyBackend:
     def __init__(self, comfy: SimpleNamespace) -> None:
         self.c = comfy
         self._adapter: type | None = None
+        self._core_modules: SimpleNamespace | None = None
 
     # ---- devices and layers
     def compute_device(self) -> torch.device:
@@ -86,7 +92,7 @@ class ComfyBackend:
             load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
         else:
             load, offload = mm.get_torch_device(), mm.unet_offload_device()
-        patcher = self.c.patcher.ModelPatcher(module, load_device=load, offload_device=offload)
+        patcher = interop.patcher_class(self.c)(module, load_device=load, offload_device=offload)
         patcher.add_callback_with_key(self.c.callbacks.ON_LOAD, PATCH_OWNER, _patch_unreachable_weights)
         return patcher
 
@@ -148,6 +154,32 @@ class ComfyBackend:
     def loaded_modules(self) -> list[nn.Module]:
         return [m.model.model for m in self.c.mm.current_loaded_models if m.model is not None]
 
+    # ---- core's MODEL, CLIP and VAE, both ways (host/core_interop.py does the work with these modules)
+    def _core(self) -> SimpleNamespace:
+        if self._core_modules is None:
+            # Imported on first use: ComfyUI has them loaded by then, and a pack import never depends on them.
+            import comfy.ldm.cascade.stage_a
+            import comfy.model_base
+            import comfy.sdxl_clip
+            import comfy.supported_models
+
+            self._core_modules = SimpleNamespace(
+                model_base=comfy.model_base, supported_models=comfy.supported_models, sdxl_clip=comfy.sdxl_clip,
+                StageA=comfy.ldm.cascade.stage_a.StageA)
+        return self._core_modules
+
+    def to_core_model(self, handle: Any) -> Any:
+        return interop.to_core_model(self.c, self._core(), handle, _patch_unreachable_weights, PATCH_OWNER)
+
+    def from_core_model(self, model: Any, stage: str) -> Any:
+        return interop.from_core_model(self._core(), model, stage, self)
+
+    def from_core_clip(self, clip: Any) -> Any:
+        return interop.from_core_clip(self._core(), clip, self)
+
+    def from_core_vae(self, vae: Any) -> Any:
+        return interop.from_core_vae(self._core(), vae, self)
+
     # ---- progress and interruption
     def progress_bar(self, total: int) -> Any:
         bar = self.c.utils.ProgressBar(total)
@@ -199,6 +231,26 @@ class ComfyBackend:
                 continue
         return refused_in(list(dirs))
 
+    def save_folder(self, folder_name: str) -> str:
+        return self.c.folder_paths.get_folder_paths(folder_name)[0]
+
+    def input_directory(self) -> str:
+        return self.c.folder_paths.get_input_directory()
+
+    def output_directory(self) -> str:
+        return self.c.folder_paths.get_output_directory()
+
+    def progress_text(self, text: str, node_id: str | None) -> None:
+        try:
+            from server import PromptServer  # ComfyUI's server module (absent when comfy is used as a library)
+
+            if node_id is not None and PromptServer.instance is not None:
+                PromptServer.instance.send_progress_text(text, node_id)
+                return
+        except (ImportError, AttributeError):
+            pass
+        log.info("ComfyUI-StableCascade: %s", text)
+
 
 def _register_gguf(folder_paths: Any) -> None:
     """Let ComfyUI list .gguf files in the diffusion-model folders (quantized Stage C / B), as ComfyUI-GGUF does
@@ -211,11 +263,59 @@ def _register_gguf(folder_paths: Any) -> None:
             getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
 
 
+NOTICE_EVENT = "scw.notice"  # what web/scw_results.js listens for
+
+
+class BrowserNotices(logging.Handler):
+    """Sends the pack's warnings (a demo network in use, a size rounded to a multiple of 8, a prompt over 77 tokens,
+    ...) to the browser as a ``scw.notice`` event naming the node that was running; the pack's web extension shows
+    each as a toast and on that node. The server log keeps them too (this handler only adds a destination)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from server import PromptServer  # ComfyUI's server module (absent when comfy is used as a library)
+
+            server = getattr(PromptServer, "instance", None)
+            if server is None:
+                return
+            text = record.getMessage().removeprefix("ComfyUI-StableCascade: ")
+            server.send_sync(NOTICE_EVENT, {"text": text, "level": record.levelname.lower(),
+                                            "node": server.last_node_id}, server.client_id)
+        except Exception:  # a notice never breaks a run (the log line is written anyway)
+            return
+
+
+def _send_warnings_to_browser() -> None:
+    """Attach one ``BrowserNotices`` to the pack's root logger (ComfyUI names the package after its folder)."""
+    pack = logging.getLogger(__name__.rsplit(".", 2)[0])
+    if not any(isinstance(h, BrowserNotices) for h in pack.handlers):
+        pack.addHandler(BrowserNotices())
+
+
+UNAVAILABLE: str | None = None  # why load() gave no backend, for the standalone runner's --comfyui message
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def load() -> ComfyBackend | None:
     """The ComfyUI backend, or None when ComfyUI's modules cannot be imported (or ``SCW_NO_COMFY=1``)."""
+    global UNAVAILABLE
     if os.environ.get("SCW_NO_COMFY") == "1":
+        UNAVAILABLE = "SCW_NO_COMFY=1 is set"
         return None
     try:
+        from comfy.cli_args import args
+
+        if "comfy.model_management" not in sys.modules and not _has_accelerator():
+            # The pack imports ComfyUI itself (the standalone runner's --comfyui): no main.py parsed --cpu, and
+            # ComfyUI's device setup would ask a CUDA that is not there.
+            args.cpu = True
         import comfy.model_management
         import comfy.model_patcher
         import comfy.ops
@@ -223,11 +323,30 @@ def load() -> ComfyBackend | None:
         import comfy.utils
         import comfy.weight_adapter.base
         import folder_paths
-        from comfy.cli_args import args
-    except ImportError:
+    except ImportError as exc:
+        UNAVAILABLE = f"ComfyUI's modules do not import with {sys.executable} ({type(exc).__name__}: {exc})"
         return None
     _register_gguf(folder_paths)
+    _send_warnings_to_browser()
     return ComfyBackend(SimpleNamespace(
         mm=comfy.model_management, patcher=comfy.model_patcher, ops=comfy.ops,
         callbacks=comfy.patcher_extension.CallbacksMP, utils=comfy.utils,
         adapter_base=comfy.weight_adapter.base.WeightAdapterBase, folder_paths=folder_paths, args=args))
+
+
+def runtime_modules() -> SimpleNamespace:
+    """ComfyUI's own top-level modules for the standalone runner's --comfyui mode (standalone/comfy_runtime.py
+    drives them), imported in main.py's order: utils.extra_config before nodes, whose import puts comfy/ first on
+    sys.path (where comfy/utils.py would shadow the utils package). ``server`` is None when it does not import."""
+    import utils.extra_config  # noqa: I001 - first, before nodes (see above)
+    import execution
+    import folder_paths
+    import hook_breaker_ac10a0
+    import nodes
+
+    try:
+        import server
+    except ImportError:
+        server = None
+    return SimpleNamespace(nodes=nodes, execution=execution, folder_paths=folder_paths, server=server,
+                           extra_config=utils.extra_config, hook_breaker=hook_breaker_ac10a0)

@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "scw_controlnet:"
 # What each released ControlNet reads, by input channels: (kind, description, node that makes it).
 HINTS = {
-    1: ("canny", "a canny edge map (1 channel)", "SCW_CannyControl"),
+    1: ("canny", "a canny edge map (1 channel)", "'Stable Cascade ControlNet Canny Edges'"),
     4: ("inpainting", "an inpainting input (RGB with the masked pixels white + the mask, 4 channels)",
-        "SCW_InpaintControl"),
+        "'Stable Cascade ControlNet Inpaint Input'"),
     16: ("super_resolution", "a super-resolution input (the image's EffNet latent x2, 16 channels)",
-         "SCW_SuperResolutionControl"),
+         "'Stable Cascade ControlNet Super-Resolution Input'"),
 }
 _WIDTHS = {2048: "3.6B Stage C", 1536: "1B lite Stage C"}
 # Half the smallest gap between two steps' r in any schedule a user can set; absorbs float32 rounding only.
@@ -146,11 +146,12 @@ def check_fit(stage_c: Any, controlnet: ControlNetModel, hint: ControlHint, warn
     kind = getattr(stage_c, "kind", "stage_c")
     if kind != "stage_c" or not hasattr(cfg, "c_hidden") or getattr(cfg, "c_in", None) != 16:
         raise StageMismatchError(f"ControlNet {name!r} goes on Stage C, but the model input is {kind} - connect "
-                                 "SCW_StageCLoader's output (ControlNets feed only the Stage C prior)")
+                                 "the output of 'Stable Cascade Load Stage C' (ControlNets feed only the Stage C "
+                                 "prior)")
     net_cfg = getattr(controlnet.module, "config", None)
     if not hasattr(net_cfg, "c_proj"):
         raise CascadeError(f"{name!r} is not a Stable Cascade ControlNet ({type(controlnet.module).__name__}) - "
-                           "load one with SCW_ControlNetLoader")
+                           "load one with 'Stable Cascade Load ControlNet'")
     widths = sorted(set(cfg.c_hidden))
     if widths != [net_cfg.c_proj]:
         raise ShapeError(
@@ -301,7 +302,8 @@ def controlled(network_fn: Callable[..., torch.Tensor], controls: Sequence[Contr
         if abs(math.log((hint_w / hint_h) / (w / h))) > 0.05:
             log.warning("ComfyUI-StableCascade: ControlNet %r: the control image is %dx%d but the latent is %dx%d "
                         "(another aspect ratio); its guidance is stretched to fit - give the latent the image's "
-                        "aspect ratio (SCW_EmptyLatent width/height)", c.controlnet.name, hint_w, hint_h, w, h)
+                        "aspect ratio ('Stable Cascade Empty Latent' width/height)", c.controlnet.name, hint_w, hint_h,
+                        w, h)
         if c.hint.images.shape[0] not in (1, batch):
             raise ShapeError(f"ControlNet {c.controlnet.name!r}: the control input has batch {c.hint.images.shape[0]} "
                              f"but the latent has batch {batch}; give one control image or one per latent")

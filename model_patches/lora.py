@@ -229,7 +229,7 @@ def _official_placement(lora: LoraFile, model: nn.Module, shapes: dict) -> list[
     pairs = list(lora.unet.values())
     if not keys:
         raise CascadeError(f"LoRA {lora.name!r}: the connected network has no attention weights to patch; connect a "
-                           "Stage C model (SCW_StageCLoader).")
+                           "Stage C model ('Stable Cascade Load Stage C').")
     if len(pairs) != len(keys):
         model_width, file_width = shapes[keys[0]][1], pairs[0].in_features if pairs else 0
         if pairs and file_width != model_width:
@@ -322,7 +322,8 @@ def _text_patches(lora: LoraFile, encoder: Any) -> dict[str, LowRankDelta]:
     if unknown:
         raise CheckpointError(f"LoRA {lora.name!r} updates {len(unknown)} text-encoder modules that the connected "
                               f"text encoder lacks, e.g. {unknown[:3]} - it was made for another text encoder; "
-                              "connect CLIP ViT-bigG or use SCW_LoraLoaderModelOnly to apply the Stage C part only.")
+                              "connect CLIP ViT-bigG or use 'Stable Cascade Load Stage C LoRA (model only)' to apply "
+                              "the Stage C part only.")
     for name, pair in lora.text.items():
         key = table[name]
         shape = shapes[key]
@@ -379,7 +380,8 @@ def apply_lora(stage_c: Any, text_encoder: Any, lora: LoraFile, strength_model: 
     if text_encoder is None:
         if lora.token_ids is not None or lora.text or tokens:
             log.warning("ComfyUI-StableCascade: LoRA %r also changes the text encoder (learned tokens or text "
-                        "weights); this node applies the Stage C part only - use SCW_LoraLoader for both.", lora.name)
+                        "weights); this node applies the Stage C part only - use 'Stable Cascade Load Stage C LoRA' "
+                        "for both.", lora.name)
     else:
         plan = plan_text(lora, text_encoder.module, tokens)
     new_te = text_encoder

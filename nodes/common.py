@@ -12,8 +12,12 @@ from ..pipeline.settings import SETTING_RANGES, SamplingSettings
 from ..samplers.sampling import SAMPLERS
 from ..samplers.schedule import SCHEDULERS
 
-ROOT_CATEGORY = "stable_cascade_wurst"
+# What users search for: every category is "Stable Cascade/<family>" and every display name starts with
+# "Stable Cascade ", so the node library and the search box find all nodes under "cascade". Ids (SCW_*) never change.
+ROOT_CATEGORY = "Stable Cascade"
+NAME_PREFIX = "Stable Cascade "
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+# Always the last choice of a loader's file list, so trying a workflow with no weights is an explicit pick.
 DEMO_CHOICE = "(tiny random demo)"
 # fp16: for GPUs without bf16; Stage C/B then run their fp16 mode (a scaled residual stream, docs/FP16.md).
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,12 +38,27 @@ def category(family: str) -> str:
 
 
 def display_name(title: str) -> str:
-    return f"{title} (SCW)"
+    """What the node menu, the search box and every message call a node ('Stable Cascade Load Stage C')."""
+    return f"{NAME_PREFIX}{title}"
+
+
+# node id -> display name of every node of the pack (filled by ``mappings`` as the families are imported), so
+# messages name nodes as users see them.
+DISPLAY_NAMES: dict[str, str] = {}
 
 
 def mappings(*classes: type) -> tuple[dict[str, type], dict[str, str]]:
     """NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS of one family; each class carries NODE_ID and TITLE."""
-    return ({c.NODE_ID: c for c in classes}, {c.NODE_ID: display_name(c.TITLE) for c in classes})
+    names = {c.NODE_ID: display_name(c.TITLE) for c in classes}
+    DISPLAY_NAMES.update(names)
+    for c in classes:
+        c.NAME = names[c.NODE_ID]  # what the node's own messages call it
+    return {c.NODE_ID: c for c in classes}, names
+
+
+def name_of(node_id: str) -> str:
+    """The display name of a node id ('SCW_StageCSampler' -> 'Stable Cascade Stage C Sampler'); other text as is."""
+    return DISPLAY_NAMES.get(node_id, node_id)
 
 
 class Absent:
@@ -56,17 +75,17 @@ def require(value: Any, socket: str, node: str, what: str, fix: str) -> Any:
     """The model connected to socket, or a CascadeError naming where it should have come from."""
     if isinstance(value, Absent):
         raise CascadeError(
-            f"{node}: input {socket!r} needs {what}, but {value.source!r} does not contain one (it holds "
+            f"{name_of(node)}: input {socket!r} needs {what}, but {value.source!r} does not contain one (it holds "
             f"{value.holds}) - {fix}"
         )
     if value is None:
-        raise CascadeError(f"{node}: input {socket!r} needs {what} and got nothing - {fix}")
+        raise CascadeError(f"{name_of(node)}: input {socket!r} needs {what} and got nothing - {fix}")
     return value
 
 
 def file_choices(folders: tuple[str, ...]) -> list[str]:
-    """The weights files of these model folders, or just the demo choice when they hold none."""
-    return list(host.model_files(folders)) or [DEMO_CHOICE]
+    """The weights files of these model folders, then the demo choice (the only one when they hold none)."""
+    return [*host.model_files(folders), DEMO_CHOICE]
 
 
 def dtype_input() -> tuple:
@@ -113,5 +132,5 @@ def scheduler_input(defaults: SamplingSettings) -> dict:
 
 
 def conditioning_input(what: str) -> tuple:
-    return ("CONDITIONING", {"tooltip": f"{what} prompt, from SCW_TextEncode or core's CLIPTextEncode with a "
-                                        "stable_cascade CLIP."})
+    return ("CONDITIONING", {"tooltip": f"{what} prompt, from 'Stable Cascade Text Encode' or core's CLIPTextEncode "
+                                        "with a stable_cascade CLIP."})

@@ -17,7 +17,7 @@ CATEGORY = category("conditioning")
 
 
 class TextEncode:
-    NODE_ID, TITLE = "SCW_TextEncode", "Cascade Text Encode"
+    NODE_ID, TITLE = "SCW_TextEncode", "Text Encode"
     DESCRIPTION = ("Encodes a prompt with the CLIP ViT-bigG text encoder into CONDITIONING for both the Stage C and "
                    "the Stage B sampler (Stage B reads only the pooled vector). Use an empty prompt for the "
                    "negative, as the official pipeline does. Compatible with core's conditioning nodes.")
@@ -29,8 +29,10 @@ class TextEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "text_encoder": ("SCW_TEXT_ENCODER", {"tooltip": "From SCW_TextEncoderLoader or the text_encoder output "
-                                                             "of SCW_PackagedCheckpointLoader (Stage C file)."}),
+            "text_encoder": ("SCW_TEXT_ENCODER", {"tooltip": "From 'Stable Cascade Load Text Encoder' or the "
+                                                             "text_encoder output "
+                                                             "of 'Stable Cascade Load Packaged Checkpoint' (Stage C "
+                                                             "file)."}),
             "text": ("STRING", {"default": "", "multiline": True, "dynamicPrompts": True,
                                 "tooltip": "The prompt. CLIP reads the first 77 tokens; longer prompts are cut "
                                            "(logged)."}),

@@ -25,8 +25,8 @@ class StageADecode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "stage_a": ("SCW_STAGE_A", {"tooltip": "The Stage A model (SCW_StageALoader)."}),
-            "latent": ("LATENT", {"tooltip": "The Stage B result (output of SCW_StageBSampler)."}),
+            "stage_a": ("SCW_STAGE_A", {"tooltip": "The Stage A model ('Stable Cascade Load Stage A')."}),
+            "latent": ("LATENT", {"tooltip": "The Stage B result (output of 'Stable Cascade Stage B Sampler')."}),
         }}
 
     def decode(self, stage_a: Any, latent: dict) -> tuple[torch.Tensor]:
@@ -46,8 +46,8 @@ class PreviewerDecode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "previewer": ("SCW_PREVIEWER", {"tooltip": "The Previewer (SCW_PreviewerLoader)."}),
-            "latent": ("LATENT", {"tooltip": "A Stage C latent (output of SCW_StageCSampler)."}),
+            "previewer": ("SCW_PREVIEWER", {"tooltip": "The Previewer ('Stable Cascade Load Previewer')."}),
+            "latent": ("LATENT", {"tooltip": "A Stage C latent (output of 'Stable Cascade Stage C Sampler')."}),
         }}
 
     def decode(self, previewer: Any, latent: dict) -> tuple[torch.Tensor]:

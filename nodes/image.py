@@ -29,8 +29,9 @@ from .kinds import FIX
 log = logging.getLogger(__name__)
 
 CATEGORY = category("image")
-MIN_OUTPUT = 256  # SCW_EmptyLatent's minimum width and height
+MIN_OUTPUT = 256  # the empty latent node's minimum width and height
 _IMAGE_TIP = "The input image (e.g. from core's LoadImage)."
+CROP_CHOICES = {"center": True, "none": False}  # core's CLIPVisionEncode choices -> clip_preprocess(crop=)
 
 
 # ---- nodes --------------------------------------------------------------------------------------------
@@ -50,19 +51,26 @@ class ClipVisionEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "conditioning": ("CONDITIONING", {"tooltip": "The positive prompt (SCW_TextEncode); an empty prompt "
-                                                         "gives the official image variation."}),
-            "clip_vision": ("SCW_CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision model (SCW_ClipVisionLoader)."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The positive prompt ('Stable Cascade Text Encode'); an "
+                                                         "empty prompt gives the official image variation."}),
+            "clip_vision": ("SCW_CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision model ('Stable Cascade Load CLIP "
+                                                           "Vision')."}),
             "image": ("IMAGE", {"tooltip": "The image(s) to vary; a batch of N images gives N image prompts."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "Multiplies these images' embeddings: 1 as trained, 0 keeps only the "
                                               "mapper's bias tokens."}),
+        }, "optional": {
+            # Optional (the newest widget, last): workflows and API prompts saved before it keep working.
+            "crop": (list(CROP_CHOICES), {"default": "center", "tooltip": (
+                "As core's CLIPVisionEncode: center crops the image to a square first (official); none squeezes "
+                "the whole image to 224x224.")}),
         }}
 
-    def encode(self, conditioning: list, clip_vision: Any, image: torch.Tensor, strength: float) -> tuple[list]:
+    def encode(self, conditioning: list, clip_vision: Any, image: torch.Tensor, strength: float,
+               crop: str = "center") -> tuple[list]:
         model = require(clip_vision, "clip_vision", self.NODE_ID, "a CLIP vision model", FIX["clip_vision"])
-        image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
-        embeds = image_io.encode_clip_images(model, image[..., :3])
+        image_ops.image_to_bchw(image, f"{self.NAME}: input 'image'")
+        embeds = image_io.encode_clip_images(model, image[..., :3], CROP_CHOICES[crop])
         return (attach_image_embeds(conditioning, embeds, strength),)
 
 
@@ -71,7 +79,8 @@ class StageCEncode:
     DESCRIPTION = ("Encodes an image into a Stage C latent for image-to-image: the image is scaled to cover 32 "
                    "pixels per Stage C cell of the output (3/4 of it at the official compression: 768x768 -> 24x24 "
                    "for 1024x1024), center-cropped, and run through the EfficientNet encoder. Also returns the "
-                   "matching empty Stage B latent. Width/height 0 keep the image's own size.")
+                   "matching empty Stage B latent. Width/height 0 (the default) keep the image's own size, as "
+                   "core's StableCascade_StageC_VAEEncode encodes.")
     RETURN_TYPES = ("LATENT", "LATENT")
     RETURN_NAMES = ("stage_c", "stage_b")
     FUNCTION = "encode"
@@ -79,14 +88,16 @@ class StageCEncode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        size = {"default": 1024, "min": 0, "max": MAX_RESOLUTION, "step": 8}
+        size = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}  # 0: the image's size, as core
         return {"required": {
-            "effnet": ("SCW_EFFNET", {"tooltip": "The EfficientNet encoder (SCW_EffNetLoader)."}),
+            "effnet": ("SCW_EFFNET", {"tooltip": "The EfficientNet encoder ('Stable Cascade Load EffNet Encoder')."}),
             "image": ("IMAGE", {"tooltip": _IMAGE_TIP}),
             "width": ("INT", {**size, "tooltip": "Output image width (0: the image's width, rounded to 8)."}),
             "height": ("INT", {**size, "tooltip": "Output image height (0: the image's height, rounded to 8)."}),
             "compression": ("FLOAT", {"default": DEFAULT_COMPRESSION, "min": 16.0, "max": 64.0, "step": 0.01,
-                                      "tooltip": "Pixels per Stage C cell, as in SCW_EmptyLatent (42.67 official)."}),
+                                      "tooltip": "Pixels per Stage C cell, as in 'Stable Cascade Empty Latent': 42 "
+                                                 "rounds down as core (1024 -> 24 cells), 42.67 up as the "
+                                                 "official code (1024 -> 24)."}),
         }}
 
     @classmethod
@@ -94,13 +105,13 @@ class StageCEncode:
         for name, value in (("width", width), ("height", height)):
             if value is not None and 0 < value < MIN_OUTPUT:
                 return (f"{name} {value} is too small for Stage C - use 0 (the image's own {name}) or at least "
-                        f"{MIN_OUTPUT}, as SCW_EmptyLatent allows")
+                        f"{MIN_OUTPUT}, as 'Stable Cascade Empty Latent' allows")
         return True
 
     def encode(self, effnet: Any, image: torch.Tensor, width: int, height: int,
                compression: float = DEFAULT_COMPRESSION) -> tuple[dict, dict]:
         model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", FIX["effnet"])
-        x = image_io.input_pixels(image, self.NODE_ID)
+        x = image_io.input_pixels(image, self.NAME)
         height = snap_size(height or x.shape[-2], "height")
         width = snap_size(width or x.shape[-1], "width")
         _, (h_b, w_b) = latent_sizes(width, height, compression)
@@ -114,8 +125,8 @@ class ReconstructionEncode:
     NODE_ID, TITLE = "SCW_ReconstructionEncode", "Reconstruction Encode (EffNet, official 3/4)"
     DESCRIPTION = ("The official reconstruction input: the image downscaled by 3/4 to multiples of 32 with nearest "
                    "neighbour (1024 -> 768) and encoded by the EfficientNet (-> 24x24 Stage C cells), plus an empty "
-                   "Stage B latent of the image's own size. Decode with SCW_StageBSampler + SCW_StageADecode to "
-                   "see what the 42x compression keeps.")
+                   "Stage B latent of the image's own size. Decode with 'Stable Cascade Stage B Sampler' + "
+                   "'Stable Cascade Stage A Decode' to see what the 42x compression keeps.")
     RETURN_TYPES = ("LATENT", "LATENT")
     RETURN_NAMES = ("stage_c", "stage_b")
     FUNCTION = "encode"
@@ -124,14 +135,14 @@ class ReconstructionEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "effnet": ("SCW_EFFNET", {"tooltip": "The EfficientNet encoder (SCW_EffNetLoader)."}),
+            "effnet": ("SCW_EFFNET", {"tooltip": "The EfficientNet encoder ('Stable Cascade Load EffNet Encoder')."}),
             "image": ("IMAGE", {"tooltip": _IMAGE_TIP + " Sides of at least 43 pixels; multiples of 8 keep the "
                                                         "output the same size."}),
         }}
 
     def encode(self, effnet: Any, image: torch.Tensor) -> tuple[dict, dict]:
         model = require(effnet, "effnet", self.NODE_ID, "an EffNet encoder", FIX["effnet"])
-        x = image_io.input_pixels(image, self.NODE_ID)
+        x = image_io.input_pixels(image, self.NAME)
         stage_c = image_io.effnet_encode(model, image_ops.downscale_for_reconstruction(x))
         height, width = snap_size(x.shape[-2], "height"), snap_size(x.shape[-1], "width")
         stage_b = torch.zeros(x.shape[0], 4, height // 4, width // 4)
@@ -141,7 +152,8 @@ class ReconstructionEncode:
 class StageAEncode:
     NODE_ID, TITLE = "SCW_StageAEncode", "Stage A Encode"
     DESCRIPTION = ("Encodes an image with Stage A alone (4x down, 4 channels, no quantisation) into a Stage B "
-                   "latent; SCW_StageADecode turns it back, showing Stage A's own loss. Sides must be multiples of "
+                   "latent; 'Stable Cascade Stage A Decode' turns it back, showing Stage A's own loss. Sides must be "
+                   "multiples of "
                    "4 (8 for Stage B sampling).")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("stage_b",)
@@ -151,15 +163,15 @@ class StageAEncode:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "stage_a": ("SCW_STAGE_A", {"tooltip": "The Stage A model (SCW_StageALoader)."}),
+            "stage_a": ("SCW_STAGE_A", {"tooltip": "The Stage A model ('Stable Cascade Load Stage A')."}),
             "image": ("IMAGE", {"tooltip": _IMAGE_TIP}),
         }}
 
     def encode(self, stage_a: Any, image: torch.Tensor) -> tuple[dict]:
         model = require(stage_a, "stage_a", self.NODE_ID, "a Stage A model", FIX["stage_a"])
-        x = image_ops.image_to_bchw(image, f"{self.NODE_ID}: input 'image'")
+        x = image_ops.image_to_bchw(image, f"{self.NAME}: input 'image'")
         if x.shape[-1] % 4 or x.shape[-2] % 4:
-            raise ShapeError(f"{self.NODE_ID}: the image is {x.shape[-1]}x{x.shape[-2]} pixels; Stage A needs "
+            raise ShapeError(f"{self.NAME}: the image is {x.shape[-1]}x{x.shape[-2]} pixels; Stage A needs "
                              "width and height multiples of 4 - crop or scale it first (core's ImageCrop or "
                              "ImageScale, e.g. to the nearest multiple of 8)")
         return (stage_latent(image_io.stage_a_encode(model, x), "b"),)
@@ -167,7 +179,8 @@ class StageAEncode:
 
 class StageCImageToImage:
     NODE_ID, TITLE = "SCW_StageCImageToImage", "Stage C Image-to-Image Sampler"
-    DESCRIPTION = ("Stage C sampler that starts from an encoded image (SCW_StageCEncode) noised to 'denoise' and "
+    DESCRIPTION = ("Stage C sampler that starts from an encoded image ('Stable Cascade Stage C Encode (EffNet, "
+                   "image-to-image)') noised to 'denoise' and "
                    "runs all 'steps' from there. Defaults are the notebook's: 16 steps from t 0.8, noising "
                    "'official' (the notebook noises with shift 1 while sampling with shift 2, so more of the image "
                    "survives); 'consistent' noises with the sampler's own shift.")
@@ -185,9 +198,10 @@ class StageCImageToImage:
         return {
             "required": {
                 "stage_c": ("SCW_STAGE_C", {"tooltip": "The Stage C model."}),
-                "positive": ("CONDITIONING", {"tooltip": "The prompt (SCW_TextEncode)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt ('Stable Cascade Text Encode')."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt (usually empty)."}),
-                "latent": ("LATENT", {"tooltip": "The stage_c output of SCW_StageCEncode."}),
+                "latent": ("LATENT", {"tooltip": "The stage_c output of 'Stable Cascade Stage C Encode (EffNet, "
+                                                 "image-to-image)'."}),
                 **inputs,
                 "noising": (list(NOISING_MODES), {"default": IMAGE_TO_IMAGE.noising, "tooltip": (
                     "official: the notebook's recipe (noised with shift 1, a = 0.307 at 0.8); consistent: noised "

@@ -18,15 +18,16 @@ from torch import nn
 
 from .. import host
 from ..cascade import kinds, loading
-from ..cascade.errors import WrongModelError
-from .common import DEMO_CHOICE, FP8_WEIGHTS, WEIGHT_DTYPES
+from ..cascade.errors import CascadeError, WrongModelError
+from ..host.folders import describe_refused
+from .common import DEMO_CHOICE, FP8_WEIGHTS, WEIGHT_DTYPES, display_name
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class NodeKind:
-    title: str  # display name of the loader node, without the " (SCW)" suffix
+    title: str  # display name of the loader node, without the "Stable Cascade " prefix
     folders: tuple[str, ...]  # ComfyUI model folders its files are listed from
     socket: str  # the socket type its loader returns
     node_id: str = ""  # the loader node's id, for "connect ..." hints
@@ -49,20 +50,80 @@ NODE_KINDS: dict[str, NodeKind] = {
 }
 
 
+def node_title(kind: str) -> str:
+    """The display name of the node that loads ``kind`` ('Stable Cascade Load Stage B')."""
+    return display_name(NODE_KINDS[kind].title)
+
+
 def fix_for(kind: str) -> str:
     """The "how to fix" ending for a model input that got nothing: which node gives a ``kind``."""
     entry = NODE_KINDS[kind]
-    where = (f" (or the {kind} output of SCW_PackagedCheckpointLoader with the {entry.packaged_in} file)"
+    where = (f" (or the {kind} output of '{node_title('packaged')}' with the {entry.packaged_in} file)"
              if entry.packaged_in else "")
-    return f"connect {entry.node_id}{where}"
+    return f"connect '{node_title(kind)}'{where}"
 
 
 FIX = {kind: fix_for(kind) for kind, entry in NODE_KINDS.items() if entry.node_id}
 
 
-def node_title(kind: str) -> str:
-    """The display name of the node that loads ``kind`` ('Load Stage B (SCW)')."""
-    return f"{NODE_KINDS[kind].title} (SCW)"
+def _folders(kind: str) -> str:
+    return " or ".join(f"models/{f}/" for f in NODE_KINDS[kind].folders)
+
+
+def what_file(kind: str) -> str:
+    """What a file of ``kind`` is and where its release lives, for messages about a missing file."""
+    if kind == "packaged":
+        return (f"It is one of ComfyUI's packaged checkpoints: download {kinds.PACKAGED_EXAMPLES} from "
+                f"{kinds.PACKAGED_DOWNLOAD}")
+    k = kinds.KINDS[kind]
+    return f"It is {k.description}, which {k.role}: download {k.files} from {k.download}"
+
+
+def missing_file_text(kind: str, file_name: str) -> str:
+    """The message of a loader whose file is not installed: the node, the file, the folder it belongs in, what
+    it is, where the release lives, what the folder holds instead, and the demo choice."""
+    folders = NODE_KINDS[kind].folders
+    present = host.model_files(folders)
+    more = ", ..." if len(present) > 5 else ""
+    there = f"a file that is there ({', '.join(present[:5])}{more}), or " if present else ""
+    demo = "a random LoRA" if kind == "lora" else "a tiny random network (its images are noise)"
+    refused = describe_refused(host.refused_files(folders))
+    return (f"{node_title(kind)}: {file_name!r} is not installed; it belongs in {_folders(kind)}. {what_file(kind)}, "
+            f"then refresh the file lists (R in the browser). Or pick {there}{DEMO_CHOICE!r} to try the workflow "
+            f"with {demo}{refused}.")
+
+
+def check_file(kind: str, file_name: Any) -> bool | str:
+    """A loader's VALIDATE_INPUTS for its ``file_name``: True when the file is installed (or the demo choice is
+    picked), else ``missing_file_text``. ComfyUI skips its own list check for an input a node validates, and
+    shows the returned text in the browser; a linked value (None while validating) is checked when it runs."""
+    folders = NODE_KINDS[kind].folders
+    if file_name is None or file_name == DEMO_CHOICE or file_name in host.model_files(folders):
+        return True
+    try:  # there under another spelling (a Windows separator) or not listed: the loader reads it and says more
+        host.model_path(folders, str(file_name))
+        return True
+    except CascadeError:
+        return missing_file_text(kind, str(file_name))
+
+
+def demo_notice(kind: str) -> str:
+    """What a loader's output says when the demo choice runs (shown on the node in the browser)."""
+    folder = f"models/{NODE_KINDS[kind].folders[0]}/"
+    if kind == "lora":
+        return (f"{node_title(kind)}: a random demo LoRA is applied (it changes the image at random). Put a Stage C "
+                f"LoRA into {folder} to use a real one.")
+    release = kinds.PACKAGED_EXAMPLES if kind == "packaged" else kinds.KINDS[kind].release
+    return (f"{node_title(kind)}: the tiny random demo network runs, so the images are noise. Install {release} "
+            f"into {folder} for real images.")
+
+
+def demo_result(kind: str, outputs: tuple) -> dict:
+    """A loader's result when it runs the demo choice: the outputs, and the notice as the node's ``ui`` text
+    (ComfyUI keeps it in the run's outputs and sends it to the browser) with a badge the pack's web extension
+    draws on the node (web/scw_results.js)."""
+    badge = "demo LoRA (random)" if kind == "lora" else "demo network (random weights)"
+    return {"ui": {"text": [demo_notice(kind)], "scw_badge": [badge]}, "result": outputs}
 
 
 def how_to_load(found: str) -> str:
@@ -72,7 +133,7 @@ def how_to_load(found: str) -> str:
                 f"'{node_title('lora')}'")
     if found not in NODE_KINDS:
         return "This pack has no loader for it"
-    return f"Load it with the '{node_title(found)}' node (in models/{NODE_KINDS[found].folders[0]}/)"
+    return f"Load it with the '{node_title(found)}' node (in {_folders(found)})"
 
 
 @contextlib.contextmanager

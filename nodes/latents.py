@@ -9,9 +9,9 @@ CATEGORY = category("latent")
 
 
 class EmptyLatent:
-    NODE_ID, TITLE = "SCW_EmptyLatent", "Empty Cascade Latent"
-    DESCRIPTION = ("Empty latents for an image of width x height: stage_c (B x 16 x ceil(H/c) x ceil(W/c)) for the "
-                   "Stage C sampler and stage_b (B x 4 x H/4 x W/4) for the Stage B sampler. Sizes need not be powers "
+    NODE_ID, TITLE = "SCW_EmptyLatent", "Empty Latent"
+    DESCRIPTION = ("Empty latents for an image of width x height: stage_c (B x 16 x H/c x W/c, rounded as the compression says) "
+                   "for the Stage C sampler and stage_b (B x 4 x H/4 x W/4) for the Stage B sampler. Sizes need not be powers "
                    "of two; a width or height that is not a multiple of 8 is rounded to the nearest one (logged).")
     RETURN_TYPES = ("LATENT", "LATENT")
     RETURN_NAMES = ("stage_c", "stage_b")
@@ -30,9 +30,11 @@ class EmptyLatent:
             "batch_size": ("INT", {"default": 1, **r["batch_size"], "step": 1,
                                    "tooltip": "Number of images generated together."}),
             "compression": ("FLOAT", {"default": DEFAULT_COMPRESSION, **r["compression"], "step": 0.01,
-                                      "tooltip": "Pixels per Stage C latent cell. 42.67 is the official value "
-                                                 "(1024 px -> 24); 28-32 gives Stage C more room for detail, "
-                                                 "Stage B was trained on 32-64."}),
+                                      "tooltip": "Pixels per Stage C latent cell. A whole number rounds down as "
+                                                 "core's StableCascade_EmptyLatentImage (42: 1024 px -> 24, 768 -> "
+                                                 "18); a fraction rounds up as the official code (42.67: 1024 -> "
+                                                 "24). 28-32 gives Stage C more room for detail; Stage B was "
+                                                 "trained on 32-64."}),
         }}
 
     def generate(self, width: int, height: int, batch_size: int = 1,

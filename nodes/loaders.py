@@ -1,8 +1,9 @@
 """Loader nodes: one per released module, plus ComfyUI's packaged checkpoints.
 
 Files are listed from ComfyUI's model folders through ``host`` (the folders and the loader titles come from
-``nodes/kinds.py``); the file's kind is checked by its keys (``cascade.loading``), never by its name. An empty
-folder lists the tiny random demo network instead.
+``nodes/kinds.py``); the file's kind is checked by its keys (``cascade.loading``), never by its name. Every list
+ends with the tiny random demo network; a file that is not installed fails validation (``VALIDATE_INPUTS``) with a
+message saying what it is, which folder it belongs in and where the release lives.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from .. import host
 from ..cascade import loading
 from .common import DEMO_CHOICE, FP8_WEIGHTS, WEIGHT_DTYPES, Absent, category, dtype_input, file_choices, mappings
-from .kinds import NODE_KINDS, demo_network, explained, load_network
+from .kinds import NODE_KINDS, check_file, demo_network, demo_result, explained, load_network
 
 CATEGORY = category("loaders")
 
@@ -37,22 +38,27 @@ class _ModuleLoader:
             "weight_dtype": dtype_input(),
         }}
 
-    def load(self, file_name: str, weight_dtype: str = "default") -> tuple[Any]:
-        return (load_network(self.KIND, file_name, weight_dtype),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, file_name: str | None = None) -> bool | str:
+        return check_file(cls.KIND, file_name)
+
+    def load(self, file_name: str, weight_dtype: str = "default") -> tuple[Any] | dict:
+        outputs = (load_network(self.KIND, file_name, weight_dtype),)
+        return demo_result(self.KIND, outputs) if file_name == DEMO_CHOICE else outputs
 
 
 class StageCLoader(_ModuleLoader):
     NODE_ID, KIND = "SCW_StageCLoader", "stage_c"
-    DESCRIPTION = ("Loads the Stage C prior (3.6B or 1B lite; original, diffusers or ComfyUI layout; bf16/fp32, fp8 or "
-                   "GGUF weights) from models/diffusion_models or models/unet.")
+    DESCRIPTION = ("Loads the Stage C prior (3.6B or 1B lite; original, diffusers or ComfyUI layout; bf16/fp32, fp8 "
+                   "or GGUF weights) from models/diffusion_models or models/unet.")
     FILE_TIP = ("A Stage C file, e.g. stage_c_bf16.safetensors or stage_c_lite_bf16.safetensors, or an fp8/GGUF file "
                 "written by scripts/convert_weights.py.")
 
 
 class StageBLoader(_ModuleLoader):
     NODE_ID, KIND = "SCW_StageBLoader", "stage_b"
-    DESCRIPTION = ("Loads the Stage B decoder (1.5B or 700M lite; original, diffusers or ComfyUI layout; bf16/fp32, fp8 "
-                   "or GGUF weights) from models/diffusion_models or models/unet.")
+    DESCRIPTION = ("Loads the Stage B decoder (1.5B or 700M lite; original, diffusers or ComfyUI layout; bf16/fp32, "
+                   "fp8 or GGUF weights) from models/diffusion_models or models/unet.")
     FILE_TIP = ("A Stage B file, e.g. stage_b_bf16.safetensors or stage_b_lite_bf16.safetensors, or an fp8/GGUF file "
                 "written by scripts/convert_weights.py.")
 
@@ -112,10 +118,15 @@ class PackagedCheckpointLoader:
         return {"required": {"file_name": (file_choices(cls.FOLDERS), {"tooltip": tip}),
                              "weight_dtype": dtype_input()}}
 
-    def load(self, file_name: str, weight_dtype: str = "default") -> tuple:
+    @classmethod
+    def VALIDATE_INPUTS(cls, file_name: str | None = None) -> bool | str:
+        return check_file("packaged", file_name)
+
+    def load(self, file_name: str, weight_dtype: str = "default") -> tuple | dict:
         dtype = WEIGHT_DTYPES[weight_dtype]
         if file_name == DEMO_CHOICE:
-            return tuple(host.wrap(demo_network(kind, dtype), kind) for kind in PACKAGED_OUTPUTS)
+            demos = tuple(host.wrap(demo_network(kind, dtype), kind) for kind in PACKAGED_OUTPUTS)
+            return demo_result("packaged", demos)
         quantize = weight_dtype if weight_dtype in FP8_WEIGHTS else None
         with explained():
             # The U-Nets are built with the dequantizing layers when fp8 is asked for (loading swaps them in).

@@ -14,7 +14,7 @@ from ..cascade.errors import CascadeError
 from ..cascade.lora_format import LoraFile, parse_lora, read_lora_file
 from ..model_patches import lora as lora_patches
 from .common import DEMO_CHOICE, category, file_choices, mappings, require
-from .kinds import FIX, NODE_KINDS, explained
+from .kinds import FIX, NODE_KINDS, check_file, demo_result, explained
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _lora_input() -> tuple:
 def read_lora(name: str, stage_c: Any, n_tokens: int, text_width: int) -> LoraFile:
     """The LoRA file ``name``; the demo choice makes a random one fitting the connected Stage C."""
     if name == DEMO_CHOICE:
-        log.warning("ComfyUI-StableCascade: using a TINY RANDOM LoRA (models/loras is empty); put a Stage C LoRA "
+        log.warning("ComfyUI-StableCascade: using a TINY RANDOM LoRA (the demo choice); put a Stage C LoRA "
                     "into models/loras/ and pick it in the LoRA loader.")
         return parse_lora(lora_patches.demo_lora(host.module_of(stage_c), n_tokens, text_width), "demo LoRA")
     with explained():
@@ -78,23 +78,26 @@ class LoraLoader:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, tokens: str | None = None) -> bool | str:
-        return _check_tokens_field(tokens)
+    def VALIDATE_INPUTS(cls, file_name: str | None = None, tokens: str | None = None) -> bool | str:
+        found = check_file("lora", file_name)
+        return _check_tokens_field(tokens) if found is True else found
 
     def apply(self, stage_c: Any, text_encoder: Any, file_name: str, strength_model: float, strength_text: float,
-              tokens: str = "") -> tuple[Any, Any]:
+              tokens: str = "") -> tuple[Any, Any] | dict:
         model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
         encoder = require(text_encoder, "text_encoder", self.NODE_ID, "a text encoder", FIX["text_encoder"])
         typed = lora_patches.parse_tokens(tokens)
         width = host.module_of(encoder).text_model.embeddings.token_embedding.weight.shape[1]
         lora = read_lora(file_name, model, len(typed), width)
-        return lora_patches.apply_lora(model, encoder, lora, strength_model, strength_text, typed)
+        outputs = lora_patches.apply_lora(model, encoder, lora, strength_model, strength_text, typed)
+        return demo_result("lora", outputs) if file_name == DEMO_CHOICE else outputs
 
 
 class LoraLoaderModelOnly:
     NODE_ID, TITLE = "SCW_LoraLoaderModelOnly", "Load Stage C LoRA (model only)"
     DESCRIPTION = ("Applies only the Stage C part of a LoRA to a clone of the Stage C model; learned tokens and "
-                   "text-encoder weights are skipped (logged). Use SCW_LoraLoader for LoRAs with learned tokens.")
+                   "text-encoder weights are skipped (logged). Use 'Stable Cascade Load Stage C LoRA' for LoRAs with "
+                   "learned tokens.")
     RETURN_TYPES = ("SCW_STAGE_C",)
     RETURN_NAMES = ("stage_c",)
     FUNCTION = "apply"
@@ -109,10 +112,15 @@ class LoraLoaderModelOnly:
             "strength_model": _strength("Stage C"),
         }}
 
-    def apply(self, stage_c: Any, file_name: str, strength_model: float) -> tuple[Any]:
+    @classmethod
+    def VALIDATE_INPUTS(cls, file_name: str | None = None) -> bool | str:
+        return check_file("lora", file_name)
+
+    def apply(self, stage_c: Any, file_name: str, strength_model: float) -> tuple[Any] | dict:
         model = require(stage_c, "stage_c", self.NODE_ID, "a Stage C model", FIX["stage_c"])
         lora = read_lora(file_name, model, 0, 1280)
-        return (lora_patches.apply_lora(model, None, lora, strength_model)[0],)
+        outputs = (lora_patches.apply_lora(model, None, lora, strength_model)[0],)
+        return demo_result("lora", outputs) if file_name == DEMO_CHOICE else outputs
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(LoraLoader, LoraLoaderModelOnly)

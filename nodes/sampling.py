@@ -21,7 +21,8 @@ CATEGORY = category("sampling")
 class StageCSampler:
     NODE_ID, TITLE = "SCW_StageCSampler", "Stage C Sampler"
     DESCRIPTION = ("Samples the Stage C prior: text -> a 16-channel latent at 1/42.67 of the image size (the "
-                   "stage_c latent of SCW_EmptyLatent). Returns the last predicted clean latent, as the official "
+                   "stage_c latent of 'Stable Cascade Empty Latent'). Returns the last predicted clean latent, as the "
+                   "official "
                    "code does. Connect a previewer for live previews.")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("stage_c",)
@@ -35,7 +36,8 @@ class StageCSampler:
                 "stage_c": ("SCW_STAGE_C", {"tooltip": "The Stage C model."}),
                 "positive": conditioning_input("The"),
                 "negative": conditioning_input("The negative (usually empty)"),
-                "latent": ("LATENT", {"tooltip": "The stage_c output of SCW_EmptyLatent (or an encoded image)."}),
+                "latent": ("LATENT", {"tooltip": "The stage_c output of 'Stable Cascade Empty Latent' (or an encoded "
+                                                 "image)."}),
                 **schedule_inputs(STAGE_C, "Stage C"),
             },
             "optional": {"previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows live previews while sampling."}),
@@ -55,7 +57,8 @@ class StageCSampler:
 class StageBSampler:
     NODE_ID, TITLE = "SCW_StageBSampler", "Stage B Sampler"
     DESCRIPTION = ("Samples the Stage B decoder: a Stage C latent -> a 4-channel Stage A latent at 1/4 of the image "
-                   "size (the stage_b latent of SCW_EmptyLatent), ready for SCW_StageADecode or core's VAEDecode "
+                   "size (the stage_b latent of 'Stable Cascade Empty Latent'), ready for 'Stable Cascade Stage A "
+                   "Decode' or core's VAEDecode "
                    "with a Stage A VAE.")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("stage_b",)
@@ -68,8 +71,8 @@ class StageBSampler:
             "stage_b": ("SCW_STAGE_B", {"tooltip": "The Stage B model."}),
             "positive": conditioning_input("The"),
             "negative": conditioning_input("The negative (usually empty)"),
-            "stage_c": ("LATENT", {"tooltip": "The Stage C result (output of SCW_StageCSampler)."}),
-            "latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
+            "stage_c": ("LATENT", {"tooltip": "The Stage C result (output of 'Stable Cascade Stage C Sampler')."}),
+            "latent": ("LATENT", {"tooltip": "The stage_b output of 'Stable Cascade Empty Latent'."}),
             **schedule_inputs(STAGE_B, "Stage B"),
         }, "optional": scheduler_input(STAGE_B)}
 
@@ -83,7 +86,7 @@ class StageBSampler:
 
 
 class CascadeSampler:
-    NODE_ID, TITLE = "SCW_CascadeSampler", "Cascade Sampler (C then B)"
+    NODE_ID, TITLE = "SCW_CascadeSampler", "Sampler (C then B)"
     DESCRIPTION = ("Runs Stage C then Stage B in one node with the official shift and rescale (C: shift 2, rescale "
                    "0.7; B: shift 1, rescale 0.7). Use the two sampler nodes for full control.")
     RETURN_TYPES = ("LATENT", "LATENT")
@@ -99,8 +102,8 @@ class CascadeSampler:
             "stage_b_model": ("SCW_STAGE_B", {"tooltip": "The Stage B model."}),
             "positive": conditioning_input("The"),
             "negative": conditioning_input("The negative (usually empty)"),
-            "stage_c_latent": ("LATENT", {"tooltip": "The stage_c output of SCW_EmptyLatent."}),
-            "stage_b_latent": ("LATENT", {"tooltip": "The stage_b output of SCW_EmptyLatent."}),
+            "stage_c_latent": ("LATENT", {"tooltip": "The stage_c output of 'Stable Cascade Empty Latent'."}),
+            "stage_b_latent": ("LATENT", {"tooltip": "The stage_b output of 'Stable Cascade Empty Latent'."}),
             "seed": c["seed"], "sampler": c["sampler"],
             "c_steps": c["steps"], "c_cfg": c["cfg"], "b_steps": b["steps"], "b_cfg": b["cfg"],
         }, "optional": scheduler_input(STAGE_C)}

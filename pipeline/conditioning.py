@@ -66,7 +66,8 @@ def entry(conditioning: Any, what: str) -> tuple[torch.Tensor, dict]:
     if (not isinstance(conditioning, (list, tuple)) or not conditioning
             or not isinstance(conditioning[0], (list, tuple)) or len(conditioning[0]) < 2):
         raise CascadeError(f"{what}: expected CONDITIONING [[cond, {{'pooled_output': ...}}]], got "
-                           f"{type(conditioning).__name__} - connect SCW_TextEncode or core's CLIPTextEncode")
+                           f"{type(conditioning).__name__} - connect 'Stable Cascade Text Encode' or core's "
+                           "CLIPTextEncode")
     if len(conditioning) > 1:
         raise CascadeError(f"{what}: CONDITIONING has {len(conditioning)} entries; the SCW samplers read one - "
                            "merge them with ConditioningConcat or ConditioningAverage first")
@@ -81,7 +82,8 @@ def pooled_of(extras: dict, cond: torch.Tensor, what: str) -> torch.Tensor:
     """The entry's pooled text vector as (B, 1, C)."""
     pooled = extras.get("pooled_output")
     if not isinstance(pooled, torch.Tensor):
-        raise CascadeError(f"{what}: CONDITIONING has no 'pooled_output' - encode the prompt with SCW_TextEncode "
+        raise CascadeError(f"{what}: CONDITIONING has no 'pooled_output' - encode the prompt with 'Stable Cascade "
+                           "Text Encode' "
                            "or core's CLIPTextEncode with a stable_cascade CLIP (which give pooled outputs)")
     pooled = pooled.unsqueeze(1) if pooled.ndim == 2 else pooled
     if pooled.ndim != 3 or pooled.shape[0] != cond.shape[0]:
@@ -106,7 +108,7 @@ def clip_image_embeds(extras: dict, batch: int, width: int) -> torch.Tensor:
     value = value.unsqueeze(1) if value.ndim == 2 else value
     if value.ndim != 3 or value.shape[-1] != width:
         raise ShapeError(f"Stage C image embedding has shape {tuple(value.shape)}; expected (B, N, {width}) from "
-                         "CLIP ViT-L/14 (SCW_ClipVisionEncode)")
+                         "CLIP ViT-L/14 ('Stable Cascade CLIP Vision Encode (image variation)')")
     return value
 
 
@@ -114,8 +116,10 @@ def attach_image_embeds(conditioning: list, embeds: torch.Tensor, strength: floa
     """A copy of ``conditioning`` whose entries carry ``embeds`` (N, 768) x strength as N more image tokens
     (``"scw_clip_img"``, (B, N_total, 768)); the input conditioning is not changed."""
     if not isinstance(conditioning, list) or not conditioning:
-        raise CascadeError(f"SCW_ClipVisionEncode: input 'conditioning' expects CONDITIONING, got "
-                           f"{type(conditioning).__name__} - connect SCW_TextEncode (an empty prompt is fine)")
+        raise CascadeError("'Stable Cascade CLIP Vision Encode (image variation)': input 'conditioning' expects "
+                           "CONDITIONING, got "
+                           f"{type(conditioning).__name__} - connect 'Stable Cascade Text Encode' (an empty prompt is "
+                           "fine)")
     tokens = (embeds * strength).unsqueeze(0)
     out = []
     for cond, extras in conditioning:

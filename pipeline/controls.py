@@ -16,6 +16,7 @@ import torch
 from .. import host
 from ..cascade import control_filters as filters
 from ..cascade.controlnet import RELEASE_PROJ_BLOCKS, ControlNet, ControlNetConfig
+from ..cascade.errors import CascadeError
 from ..cascade.kinds import KINDS
 from ..model_patches import controlnet as controlnets
 from .images import effnet_encode
@@ -56,3 +57,45 @@ def sr_latents(hint: torch.Tensor) -> tuple[dict, dict]:
     width = snap_size(round(w * SR_OUTPUT_PER_CELL), "super-resolution width")
     stage_b = torch.zeros(b, 4, math.ceil(height / 4), math.ceil(width / 4))
     return stage_latent(torch.zeros(b, 16, h, w), "c"), stage_latent(stage_b, "b")
+
+
+# ---- canny thresholds: core's units, and the integer OpenCV values saved before them ----------------------------
+
+THRESHOLD_RANGE = (0.01, 0.99)  # core's Canny node's range, in its units (filters.OPENCV_PER_UNIT)
+LEGACY_THRESHOLD_MAX = 1020  # workflows saved before core's units held OpenCV integers 0..1020
+
+
+def is_legacy_threshold(value: Any) -> bool:
+    """A threshold saved in OpenCV's integer units (the pack's widgets before core's units): a whole number in
+    0..1020. None of those lies in core's range 0.01..0.99, so the two can never be confused."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+            and 0 <= value <= LEGACY_THRESHOLD_MAX)
+
+
+def threshold_problem(name: str, value: Any) -> str | None:
+    """Why a threshold is refused (a message naming it, the range and the fix), or None."""
+    low, high = THRESHOLD_RANGE
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            (low <= value <= high or is_legacy_threshold(value)):
+        return None
+    return (f"{name} {value!r} is outside {low}..{high} (core's Canny units: the Sobel gradient of the image in "
+            f"[0, 1]; the release's 100 / 200 are {100 / filters.OPENCV_PER_UNIT:.3f} / "
+            f"{200 / filters.OPENCV_PER_UNIT:.3f}) - enter a value in that range")
+
+
+def canny_thresholds(low: float, high: float, method: str) -> tuple[str, float, float]:
+    """(method, low, high) as ``filters.canny_filter`` takes them. Core's units are converted to OpenCV's for the
+    official method; legacy OpenCV integers (both thresholds, from a workflow saved before) run the official method
+    on them unchanged, so such a workflow gives the image it gave before."""
+    legacy = [is_legacy_threshold(v) for v in (low, high)]
+    if all(legacy):
+        if method != "official":
+            log.info("ComfyUI-StableCascade: canny thresholds %s / %s are OpenCV integers from a workflow saved "
+                     "before core's units; running the official (OpenCV) edges they were saved with", low, high)
+        return "official", int(low), int(high)
+    if any(legacy):
+        raise CascadeError(f"canny thresholds {low} / {high} mix an OpenCV integer (a workflow saved before core's "
+                           "units) with core's units - enter both in core's units (0.01..0.99)")
+    if method == "official":
+        return method, filters.opencv_threshold(low), filters.opencv_threshold(high)
+    return method, float(low), float(high)

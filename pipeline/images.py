@@ -34,10 +34,11 @@ def effnet_encode(effnet: Any, x: torch.Tensor) -> torch.Tensor:
     return finite_output(z, "the EffNet encoder's output", weight.dtype).float().to(host.intermediate_device())
 
 
-def encode_clip_images(clip_vision: Any, images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (N, H, W, 3) -> CLIP ViT-L image_embeds (N, 768), float32 on the intermediate device."""
+def encode_clip_images(clip_vision: Any, images: torch.Tensor, crop: bool = True) -> torch.Tensor:
+    """ComfyUI IMAGE (N, H, W, 3) -> CLIP ViT-L image_embeds (N, 768), float32 on the intermediate device;
+    ``crop``: center-crop to a square first (official), else squeeze the whole image (core's crop "none")."""
     with host.using([clip_vision]):
-        embeds = host.module_of(clip_vision).encode(images)
+        embeds = host.module_of(clip_vision).encode(images, crop)
     return embeds.float().to(host.intermediate_device())
 
 
@@ -92,8 +93,8 @@ def input_pixels(image: torch.Tensor, what: str) -> torch.Tensor:
 def comparison(reference: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-image PSNR, per-image SSIM, PSNR of the whole batch) of two IMAGEs; a batch-1 reference is
     compared with every image."""
-    a = image_ops.image_to_bchw(reference, "SCW_ImageCompare: input 'reference'")
-    b = image_ops.image_to_bchw(image, "SCW_ImageCompare: input 'image'")
+    a = image_ops.image_to_bchw(reference, "'Stable Cascade Image Compare (PSNR, SSIM)': input 'reference'")
+    b = image_ops.image_to_bchw(image, "'Stable Cascade Image Compare (PSNR, SSIM)': input 'image'")
     if a.shape[0] == 1 and b.shape[0] > 1:
         a = a.expand_as(b) if a.shape[1:] == b.shape[1:] else a
     psnr, ssim = image_ops.psnr(a, b), image_ops.ssim(a, b)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..cascade.errors import CascadeError, ShapeError, StageMismatchError
+from ..cascade.image_ops import stage_c_latent_size
 from .settings import check_number
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def latent_samples(latent: Any, stage: str, what: str) -> torch.Tensor:
         latent = latent.get("samples")
     if not isinstance(latent, torch.Tensor):
         raise CascadeError(f"{what}: expected a LATENT (a tensor or a dict with 'samples'), got "
-                           f"{type(latent).__name__} - connect a LATENT output such as SCW_EmptyLatent's")
+                           f"{type(latent).__name__} - connect a LATENT output such as the outputs of 'Stable Cascade "
+                           "Empty Latent'")
     want = STAGE_CHANNELS[stage]
     other = "b" if stage == "c" else "c"
     if tagged == other or latent.ndim != 4 or latent.shape[1] != want:
@@ -50,7 +52,8 @@ def latent_samples(latent: Any, stage: str, what: str) -> torch.Tensor:
             found = f"a Stage {other.upper()} latent"
         raise StageMismatchError(
             f"{what}: got {found} of shape {tuple(latent.shape)}; Stage {stage.upper()} needs B x {want} x h x w - "
-            f"connect the stage_{stage} output of SCW_EmptyLatent (or of the Stage {stage.upper()} sampler)")
+            f"connect the stage_{stage} output of 'Stable Cascade Empty Latent' (or of the Stage {stage.upper()} "
+            "sampler)")
     if not torch.isfinite(latent).all():
         bad = int((~torch.isfinite(latent)).sum())
         raise CascadeError(f"{what}: the latent holds {bad} NaN/inf values of {latent.numel()} (shape "
@@ -110,9 +113,10 @@ def nonfinite_fix(dtype: torch.dtype | None) -> str:
 
 
 def latent_sizes(width: int, height: int, compression: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((h_c, w_c), (h_b, w_b)) for an image of width x height, as the official calculate_latent_sizes:
-    Stage C ceil(side / compression), Stage B ceil(side / 4)."""
-    stage_c = (math.ceil(height / compression), math.ceil(width / compression))
+    """((h_c, w_c), (h_b, w_b)) for an image of width x height: Stage C by ``image_ops.stage_c_latent_size``
+    (a whole-number compression as core's ``side // c``, a fractional one as the official ``ceil(side / c)``),
+    Stage B ceil(side / 4)."""
+    stage_c = (stage_c_latent_size(height, compression), stage_c_latent_size(width, compression))
     stage_b = (math.ceil(height / 4), math.ceil(width / 4))
     return stage_c, stage_b
 
@@ -125,7 +129,7 @@ def empty_latents(width: int, height: int, batch_size: int = 1,
                         ("compression", compression)):
         low, high = EMPTY_LATENT_RANGES[name]
         check_number(value, name, low, high, integer=name != "compression", where="empty latent",
-                     fix="SCW_EmptyLatent allows the same range")
+                     fix="'Stable Cascade Empty Latent' allows the same range")
     width, height = snap_size(width, "width"), snap_size(height, "height")
     (h_c, w_c), (h_b, w_b) = latent_sizes(width, height, compression)
     return (stage_latent(torch.zeros(int(batch_size), 16, h_c, w_c), "c"),
@@ -143,4 +147,4 @@ def check_pair(stage_c: torch.Tensor, stage_b: torch.Tensor) -> None:
         raise ShapeError(
             f"the Stage C latent {hc}x{wc} and the Stage B latent {hb}x{wb} do not belong to one image "
             f"({comp_h:.1f} x {comp_w:.1f} pixels per Stage C cell; expected {lo:g}-{hi:g}, the same both ways) - "
-            "take both from one SCW_EmptyLatent (same width, height)")
+            "take both from one 'Stable Cascade Empty Latent' (same width, height)")

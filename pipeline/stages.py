@@ -46,7 +46,7 @@ def _network(handle: Any, stage: str) -> torch.nn.Module:
         raise StageMismatchError(
             f"the Stage {stage.upper()} sampler got a {kind or type(module).__name__} network "
             f"(c_in={getattr(config, 'c_in', '?')}); connect a Stage {stage.upper()} model "
-            f"(SCW_Stage{stage.upper()}Loader)")
+            f"('Stable Cascade Load Stage {stage.upper()}')")
     return module
 
 

@@ -48,7 +48,7 @@ TINY_FILES = {
     "clip_vision": {"stable_cascade_image_encoder.safetensors": "clip_vision"},
 }
 # LoRA file names of workflows/lora.json -> learned tokens the file carries (official layout, for the demo Stage C).
-TINY_LORAS = {"fernando_lora.safetensors": 1, "style_lora.safetensors": 0}
+TINY_LORAS = {"fernando_lora.safetensors": 1, "style_lora.safetensors": 0, "scw_wurst.safetensors": 1}
 # ControlNet file names of workflows/controlnet_*.json -> input channels (canny 1, inpainting 4, super-resolution 16).
 TINY_CONTROLNETS = {"canny.safetensors": 1, "inpainting.safetensors": 4, "super_resolution.safetensors": 16}
 WORKFLOW_INPUTS = os.path.join(REPO, "workflows", "inputs")  # images the shipped workflows' LoadImage nodes read
@@ -180,10 +180,16 @@ def make_layout(base: str) -> Layout:
     _write_tiny_models(models)
     os.makedirs(os.path.join(base, "input"))
     for name in os.listdir(WORKFLOW_INPUTS):
-        shutil.copy(os.path.join(WORKFLOW_INPUTS, name), os.path.join(base, "input", name))
+        src = os.path.join(WORKFLOW_INPUTS, name)
+        if os.path.isdir(src):  # e.g. a training-set folder
+            shutil.copytree(src, os.path.join(base, "input", name))
+        else:
+            shutil.copy(src, os.path.join(base, "input", name))
     yaml_path = os.path.join(base, "extra_model_paths.yaml")
     with open(yaml_path, "w", encoding="utf-8") as f:
-        f.write(f"scw_integration:\n    base_path: {base}\n    custom_nodes: extra_custom_nodes\n")
+        # is_default: these folders come first, so what a node saves (train_lora.json's LoRA) lands here too.
+        f.write(f"scw_integration:\n    base_path: {base}\n    is_default: true\n"
+                "    custom_nodes: extra_custom_nodes\n")
         for folder in models:
             f.write(f"    {folder}: extra_models/{folder}\n")
     return Layout(base, nodes_dir, models, yaml_path, write_broken_torchaudio(os.path.join(base, "broken_site")))

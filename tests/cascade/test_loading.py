@@ -273,7 +273,7 @@ def test_truncated_and_garbage_files(tmp_path):
 
 def assert_knows_no_layer_above(message: str) -> None:
     """cascade's messages name kinds and files, never a node title or a ComfyUI model folder."""
-    assert "(SCW)" not in message and "models/" not in message, message
+    assert "Stable Cascade Load" not in message and "models/" not in message, message
 
 
 @pytest.fixture
@@ -309,10 +309,10 @@ def test_empty_and_missing_files(tmp_path, models_dir):
 
 
 @pytest.mark.parametrize("given, loader, names", [
-    ("stage_b", loading.load_stage_c, ["Stage B", "Load Stage B (SCW)", "stage_c"]),
-    ("stage_c", loading.load_stage_b, ["Stage C", "Load Stage C (SCW)", "stage_b"]),
-    ("text_encoder", loading.load_stage_c, ["text encoder", "Load Text Encoder (SCW)"]),
-    ("stage_a", loading.load_text_encoder, ["Stage A", "Load Stage A (SCW)", "bigG"]),
+    ("stage_b", loading.load_stage_c, ["Stage B", "Stable Cascade Load Stage B", "stage_c"]),
+    ("stage_c", loading.load_stage_b, ["Stage C", "Stable Cascade Load Stage C", "stage_b"]),
+    ("text_encoder", loading.load_stage_c, ["text encoder", "Stable Cascade Load Text Encoder"]),
+    ("stage_a", loading.load_text_encoder, ["Stage A", "Stable Cascade Load Stage A", "bigG"]),
 ])
 def test_wrong_model_for_the_loader(tmp_path, given, loader, names):
     path = tc.save(tmp_path / f"{given}.safetensors", tc.tiny_sd(given))

@@ -382,7 +382,8 @@ def test_lite_stage_c_is_refused_with_the_fix():
 def test_bad_inputs_name_the_fix():
     base = host.wrap(_stage_c(), "stage_c")
     inpaint = _model(_controlnet(4), "inpainting.safetensors")
-    with pytest.raises(ShapeError, match=r"reads an inpainting input.*canny edge map.*SCW_InpaintControl"):
+    with pytest.raises(ShapeError, match=r"reads an inpainting input.*canny edge map.*'Stable Cascade ControlNet "
+                                         r"Inpaint Input'"):
         cn.apply_controlnet(base, inpaint, cn.ControlHint(torch.rand(1, 1, 64, 64), "canny"))
     with pytest.raises(ShapeError, match="at least 32x32"):
         cn.apply_controlnet(base, _model(_controlnet()), cn.ControlHint(torch.rand(1, 1, 16, 64), "canny"))
@@ -396,7 +397,7 @@ def test_bad_inputs_name_the_fix():
         stages.sample_stage_c(two, _conditioning(1), _conditioning(2), torch.zeros(3, 16, 4, 4),
                               STAGE_C.replace(steps=1), seed=0)
     assert cn.controls_of(base) == () and not base.patch_keys()
-    assert "make start <= end" in nodes.ApplyControlNet.VALIDATE_INPUTS(start=0.9, end=0.1)
+    assert "make start_percent <= end_percent" in nodes.ApplyControlNet.VALIDATE_INPUTS(start=0.9, end=0.1)
     assert "swap them" in nodes.CannyControl.VALIDATE_INPUTS(low_threshold=210, high_threshold=200)
 
 
@@ -414,7 +415,7 @@ def test_wrong_files_in_the_controlnet_and_lora_loaders(tmp_models):
         with pytest.raises(CheckpointError, match="Load Stage C LoRA"):
             nodes.ControlNetLoader().load("a_lora.safetensors")
         base = host.wrap(stage_c, "stage_c")
-        with pytest.raises(CheckpointError, match=r"ControlNet.*'Load ControlNet \(SCW\)' node"):
+        with pytest.raises(CheckpointError, match=r"ControlNet.*'Stable Cascade Load ControlNet' node"):
             LoraLoaderModelOnly().apply(base, "canny.safetensors", 1.0)
         assert not base.patch_keys() and cn.controls_of(base) == ()
         (loaded,) = nodes.ControlNetLoader().load("canny.safetensors")
@@ -437,13 +438,13 @@ def test_nodes_make_inputs_and_the_demo_controlnet_fits():
     inpaint, masked = nodes.InpaintControl().prepare(padded, mask)
     assert inpaint.images.shape == (1, 4, 104, 160) and (masked[0, :, :16] == 1).all()
     base = host.wrap(_stage_c(), "stage_c")
-    (demo,) = nodes.ControlNetLoader().load(DEMO_CHOICE)
+    (demo,) = nodes.ControlNetLoader().load(DEMO_CHOICE)["result"]
     for hint in (control, inpaint):
         (out,) = nodes.ApplyControlNet().apply(base, demo, hint, 1.0, 0.0, 1.0)
         net = cn.controls_of(out)[0].controlnet.module
         assert net.config.c_in == hint.images.shape[1] and net.config.c_proj == 64
         assert max(net.config.proj_blocks) < cn.resblock_calls(base.module.config)
-    with pytest.raises(CascadeError, match="connect SCW_CannyControl"):
+    with pytest.raises(CascadeError, match="connect 'Stable Cascade ControlNet Canny Edges'"):
         nodes.ApplyControlNet().apply(base, demo, torch.rand(1, 1, 64, 64), 1.0, 0.0, 1.0)
     assert math.isclose(controls.SR_OUTPUT_PER_CELL * 48, 2048)
 

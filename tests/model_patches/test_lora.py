@@ -376,9 +376,9 @@ def test_wrong_file_kinds_name_the_right_loader(stage_c, encoder, tmp_models):
         save_file({k: v.contiguous() for k, v in stage_c.module.state_dict().items()},
                   str(tmp_models / "loras" / "stage_c.safetensors"))
         enc_handle = host.wrap(encoder, "text_encoder")
-        with pytest.raises(CheckpointError, match=r"ControlNet.*'Load ControlNet \(SCW\)' node"):
+        with pytest.raises(CheckpointError, match=r"ControlNet.*'Stable Cascade Load ControlNet' node"):
             LoraLoader().apply(stage_c, enc_handle, "canny.safetensors", 1.0, 1.0, "")
-        with pytest.raises(CheckpointError, match=r"Stage C \(prior\).*'Load Stage C \(SCW\)' node"):
+        with pytest.raises(CheckpointError, match=r"Stage C \(prior\).*'Stable Cascade Load Stage C' node"):
             LoraLoaderModelOnly().apply(stage_c, "stage_c.safetensors", 1.0)
         # The reverse: a LoRA given to the ControlNet loader.
         lora_path = _save(tmp_models / "loras", "fernando.safetensors", L.demo_lora(stage_c.module))
@@ -493,9 +493,9 @@ def test_nodes_demo_choice_and_token_validation(stage_c, encoder):
     assert LoraLoader.VALIDATE_INPUTS(tokens="[fernando]=^dog</w>\n# comment\n") is True
     assert "not a learned-token name" in LoraLoader.VALIDATE_INPUTS(tokens="fernando")
     enc_handle = host.wrap(encoder, "text_encoder")
-    c, te = LoraLoader().apply(stage_c, enc_handle, DEMO_CHOICE, 1.0, 1.0, "[fernando]=^dog</w>")
+    c, te = LoraLoader().apply(stage_c, enc_handle, DEMO_CHOICE, 1.0, 1.0, "[fernando]=^dog</w>")["result"]
     assert c.patch_keys() == ["scw_lora:demo LoRA"] and "[fernando]" in te.module.added_tokens
-    (c_only,) = LoraLoaderModelOnly().apply(stage_c, DEMO_CHOICE, 0.5)
+    (c_only,) = LoraLoaderModelOnly().apply(stage_c, DEMO_CHOICE, 0.5)["result"]
     assert c_only.patch_keys() == ["scw_lora:demo LoRA"] and stage_c.patch_keys() == []
 
 

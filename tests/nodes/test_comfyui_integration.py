@@ -71,8 +71,8 @@ def test_object_info_lists_every_pack_node(server: Server) -> None:
         f"unexpected: {sorted(set(ours) - set(PACK.NODE_CLASS_MAPPINGS))}")
     for node_id, info in ours.items():
         assert node_id.startswith("SCW_"), node_id
-        assert info["display_name"].endswith(" (SCW)"), (node_id, info["display_name"])
-        assert info["category"].startswith("stable_cascade_wurst/"), (node_id, info["category"])
+        assert info["display_name"].startswith("Stable Cascade "), (node_id, info["display_name"])
+        assert info["category"].startswith("Stable Cascade/"), (node_id, info["category"])
         assert len(info["output"]) == len(info["output_name"]), node_id
 
 

@@ -51,13 +51,19 @@ def test_schema_conventions(node_id):
     cls = NODE_CLASS_MAPPINGS[node_id]
     assert node_id.startswith("SCW_") and not node_id.startswith("StableCascade_")
     assert cls.NODE_ID == node_id
-    assert NODE_DISPLAY_NAME_MAPPINGS[node_id].endswith(" (SCW)")
+    # Findable: searching "cascade" or "stable cascade" in the node library finds every node of the pack.
+    assert NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("Stable Cascade ")
+    assert "Cascade Cascade" not in NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    assert "(SCW)" not in NODE_DISPLAY_NAME_MAPPINGS[node_id]
     assert NODE_DISPLAY_NAME_MAPPINGS[node_id].isascii()
-    assert cls.CATEGORY.startswith("stable_cascade_wurst/") and cls.CATEGORY.count("/") == 1
+    assert cls.CATEGORY.startswith("Stable Cascade/") and cls.CATEGORY.count("/") == 1
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
-    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) >= 1
+    # An output node (e.g. the LoRA save node) may return nothing, as core's SaveImage; every other node returns.
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) >= (0 if getattr(cls, "OUTPUT_NODE", False) else 1)
+    core = ("MODEL",) if cls.CATEGORY.endswith("core interop") else ()  # nodes/interop.py hands core a MODEL
+    core += ("INT",) if cls.CATEGORY.endswith("/training") else ()  # the trainer's step count
     for t in cls.RETURN_TYPES:
-        assert t in ("LATENT", "CONDITIONING", "IMAGE", "MASK") or t.startswith("SCW_"), t
+        assert t in ("LATENT", "CONDITIONING", "IMAGE", "MASK", *core) or t.startswith("SCW_"), t
     assert callable(getattr(cls, cls.FUNCTION))
     assert "__init__" not in vars(cls), "nodes keep no state on instances"
 
@@ -77,7 +83,9 @@ def test_every_input_declares_tooltip_and_ranges(node_id):
         elif isinstance(kind, list):
             assert kind and options.get("default", kind[0]) in kind
         elif kind not in WIDGETS:
-            assert kind in ("LATENT", "CONDITIONING", "IMAGE", "MASK") or kind.startswith("SCW_"), kind
+            # MODEL, CLIP and VAE: only the core-interop nodes (nodes/interop.py), which convert them.
+            core = ("MODEL", "CLIP", "VAE") if cls.CATEGORY.endswith("core interop") else ()
+            assert kind in ("LATENT", "CONDITIONING", "IMAGE", "MASK", *core) or kind.startswith("SCW_"), kind
 
 
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
@@ -158,9 +166,11 @@ def test_text_encode_gives_core_conditioning_format():
 def test_missing_text_encoder_is_a_clear_error():
     absent = common.Absent("text_encoder", "stable_cascade_stage_b.safetensors", "stage_a, stage_b")
     with pytest.raises(CascadeError, match=r"needs a text encoder, but 'stable_cascade_stage_b.safetensors' does "
-                                           r"not contain one \(it holds stage_a, stage_b\) - connect SCW_TextEncoder"):
+                                           r"not contain one \(it holds stage_a, stage_b\) - connect 'Stable Cascade "
+                                           r"Load Text Encoder'"):
         conditioning.TextEncode().encode(absent, "a fox")
-    with pytest.raises(CascadeError, match="SCW_TextEncode: input 'text_encoder' needs a text encoder and got "
+    with pytest.raises(CascadeError, match="Stable Cascade Text Encode: input 'text_encoder' needs a text encoder "
+                                           "and got "
                                            "nothing - connect"):
         conditioning.TextEncode().encode(None, "a fox")
 
@@ -231,7 +241,7 @@ def test_stage_b_latent_into_stage_c_sampler_is_named():
     cond = [[torch.zeros(1, 77, 64), {"pooled_output": torch.zeros(1, 64)}]]
     model = host.wrap(demo_network("stage_c"), "stage_c")
     with pytest.raises(StageMismatchError, match=r"Stage B latent of shape \(1, 4, 256, 256\).*connect the stage_c "
-                                                 "output of SCW_EmptyLatent"):
+                                                 "output of 'Stable Cascade Empty Latent'"):
         sampling.StageCSampler().sample(model, cond, cond, stage_b, 0, 2, 4.0, 2.0, "ddpm", 0.7, 1.0)
 
 
@@ -261,7 +271,11 @@ def test_empty_folders_offer_the_demo_network(models):
 
 def test_demo_networks_fit_together_and_warn(caplog):
     with caplog.at_level(logging.WARNING):
-        (handle,) = loaders.StageCLoader().load(DEMO_CHOICE, "default")
+        result = loaders.StageCLoader().load(DEMO_CHOICE, "default")
+    # The run's outputs say so: the loader's ui text (shown on the node by web/scw_results.js, kept in the history).
+    (notice,) = result["ui"]["text"]
+    assert "tiny random demo network" in notice and "models/diffusion_models/" in notice
+    (handle,) = result["result"]
     assert handle.kind == "stage_c" and isinstance(handle.module, StageC)
     assert "TINY RANDOM Stage C" in caplog.text and "models/diffusion_models/" in caplog.text
     text = demo_network("text_encoder").config
@@ -278,7 +292,7 @@ def test_stage_c_loader_reads_a_file_and_applies_dtype(models):
     sd = {k: v.to(torch.bfloat16) for k, v in StageC(cfg).state_dict().items()}
     save_file(sd, str(models / "diffusion_models" / "tiny_c.safetensors"))
     choices = _all_inputs(loaders.StageCLoader)["file_name"][0]
-    assert choices == ["tiny_c.safetensors"]
+    assert choices == ["tiny_c.safetensors", DEMO_CHOICE]  # the demo stays an explicit choice
     (handle,) = loaders.StageCLoader().load("tiny_c.safetensors", "default")
     assert next(handle.module.parameters()).dtype == torch.bfloat16
     (handle,) = loaders.StageCLoader().load("tiny_c.safetensors", "fp32")
@@ -289,7 +303,7 @@ def test_stage_c_loader_reads_a_file_and_applies_dtype(models):
 
 
 def test_packaged_demo_fills_every_output():
-    outputs = loaders.PackagedCheckpointLoader().load(DEMO_CHOICE, "default")
+    outputs = loaders.PackagedCheckpointLoader().load(DEMO_CHOICE, "default")["result"]
     assert [h.kind for h in outputs] == list(loaders.PACKAGED_OUTPUTS)
     assert loaders.PackagedCheckpointLoader.RETURN_TYPES == (
         "SCW_STAGE_C", "SCW_TEXT_ENCODER", "SCW_EFFNET", "SCW_PREVIEWER", "SCW_CLIP_VISION", "SCW_STAGE_B",

@@ -49,7 +49,7 @@ def test_stage_b_loader_makes_fp8_from_a_dense_file(models):
 
 
 def test_demo_network_in_fp8(models):
-    (handle,) = loaders.StageCLoader().load(common.DEMO_CHOICE, "fp8_e5m2")
+    (handle,) = loaders.StageCLoader().load(common.DEMO_CHOICE, "fp8_e5m2")["result"]
     quantized, _ = _quantized(handle)
     assert quantized and all(p.raw().dtype == torch.float8_e5m2 for p in quantized)
 
