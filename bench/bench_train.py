@@ -115,7 +115,11 @@ def diffusers_steps(workdir: str, size: str, steps: int, ckpt: bool) -> dict[str
     schedule = samplers_schedule()
     ref = file_module("diffusers_ref", os.path.join(os.path.dirname(os.path.abspath(__file__)), "diffusers_ref.py"))
     cfg = config(size)
-    unet = ref.build_diffusers_unet(cfg, load_file(weights_path(workdir, size, "fp32")))
+    # Copies, not the file's memory map: load_state_dict(assign=True) would otherwise keep mmap-backed weights,
+    # whose pages enter the RSS only when the first step reads them and would count as step growth.
+    sd = {k: v.clone() for k, v in load_file(weights_path(workdir, size, "fp32")).items()}
+    unet = ref.build_diffusers_unet(cfg, sd)
+    del sd
     unet.requires_grad_(False)
     # StableCascadeUNet has no PeftAdapterMixin (no add_adapter): PEFT's own injection, as a plain loop does it.
     unet = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=1, target_modules=["to_q", "to_k", "to_v",
@@ -210,7 +214,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def spawn(impl: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--ckpt", str(int(ckpt)), "--size", args.size,
            "--steps", str(args.steps), "--threads", str(args.threads), "--workdir", args.workdir]
-    return run_worker(cmd, f"{impl} ckpt={ckpt}")
+    env = None
+    if args.mmap_threshold:
+        # glibc then serves every allocation this large by mmap and returns it on free, so the RSS high-water mark
+        # follows the live tensors (as a GPU allocator's peak does) instead of the heap's fragmentation.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(args.mmap_threshold))
+    return run_worker(cmd, f"{impl} ckpt={ckpt}", env=env)
 
 
 def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -254,6 +263,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=IMPLS)
     parser.add_argument("--ckpt", type=int, default=0)
     parser.add_argument("--prepare", action="store_true")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="bytes; e.g. 1048576: workers' RSS tracks live tensors (fixed glibc mmap threshold)")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))

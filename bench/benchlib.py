@@ -51,12 +51,12 @@ def file_module(name: str, path: str) -> Any:
     return module
 
 
-def run_worker(cmd: list[str], what: str) -> dict[str, Any]:
-    """Run a benchmark worker process and return the JSON it prints on its ``RESULT `` line."""
+def run_worker(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a benchmark worker process (in ``env``, default this one's) and return the JSON of its ``RESULT `` line."""
     import json
     import subprocess
 
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {what} failed:\n{proc.stderr[-3000:]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))

@@ -43,6 +43,7 @@ class TrainedLora:
 
     result: Any  # train.loop.TrainResult
     settings: Any  # train.loop.TrainSettings
+    base_dtype: torch.dtype = torch.bfloat16  # a full fine-tune is written back in the loaded Stage C's dtype
 
 
 # ---- helpers (paths, widgets, the loss curve) -----------------------------------------------------------------
@@ -309,6 +310,14 @@ class TrainLora:
             "clip_vision": ("SCW_CLIP_VISION", {"tooltip": "Optional: the CLIP vision model (uncached image "
                                                            "embeddings)."}),
             "previewer": ("SCW_PREVIEWER", {"tooltip": "Optional: shows previews every preview_every steps."}),
+            # Widgets added after the first release sit here, last, so saved workflows keep their values' order.
+            "save_every": _setting("save_every", "Every N steps, save the LoRA so far to loras/<save_prefix>_step<N> "
+                                                 "with its training state in output/scw_training/ (0: off)."),
+            "save_prefix": ("STRING", {"default": "scw_lora", "tooltip": (
+                "File name prefix of the save_every snapshots (a subfolder like training/my_lora is fine).")}),
+            "full_finetune": ("BOOLEAN", {"default": _DEFAULTS.full_finetune, "tooltip": (
+                "Train every weight of a copy of Stage C instead of a LoRA (small models; needs memory for a second "
+                "float32 Stage C and its AdamW state). The save node writes it to diffusion_models/.")}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, stage_c: Any, text_encoder: Any, cache: Any, clip_vision: Any = None, previewer: Any = None,
@@ -318,14 +327,20 @@ class TrainLora:
         settings = _build_settings(widgets)
         resume_name = widgets["resume_state"].strip()
         resume = train_loop.load_state(state_path(resume_name)) if resume_name else None
+        base_dtype = next(host.module_of(model).parameters()).dtype
+        prefix = widgets.get("save_prefix", "scw_lora")
+        if settings.save_every:
+            _safe_name(prefix, "save_prefix")  # a bad name fails now, not after the first save_every steps
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs every node under inference_mode
-            result = train_loop.train(model, encoder, cache, settings, clip_vision=clip_vision, previewer=previewer,
-                                      resume=resume, on_step=_StepReport(settings.steps, unique_id))
+            result = train_loop.train(
+                model, encoder, cache, settings, clip_vision=clip_vision, previewer=previewer, resume=resume,
+                on_step=_StepReport(settings.steps, unique_id),
+                on_save=lambda partial: write_snapshot(TrainedLora(partial, settings, base_dtype), prefix))
         if result.interrupted or result.stopped_reason:
             log.warning("ComfyUI-StableCascade: training stopped at step %d of %d (%s); the LoRA so far goes on to "
                         "the save node, and its training state resumes the run.", result.steps, settings.steps,
                         result.stopped_reason or "interrupted")
-        return TrainedLora(result, settings), loss_curve(result.losses), int(result.steps)
+        return TrainedLora(result, settings, base_dtype), loss_curve(result.losses), int(result.steps)
 
 
 def _metadata(lora: TrainedLora, layout: str) -> dict[str, str]:
@@ -336,22 +351,51 @@ def _metadata(lora: TrainedLora, layout: str) -> dict[str, str]:
             "scw_settings": json.dumps({k: getattr(s, k) for k in s.__dataclass_fields__}, default=str)}
 
 
-def write_lora(lora: TrainedLora, file_name: str, layout: str) -> str:
-    """Write the trained LoRA in ``layout`` to the loras folder; returns the path."""
+def _save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
+    """Written beside the target and renamed, so a failed write never leaves half a file under the real name."""
     from safetensors.torch import save_file
 
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def stage_c_path(file_name: str) -> str:
+    """Where a full fine-tune goes: ComfyUI's diffusion_models/ (unet/) folder, which the Stage C loader lists."""
+    return os.path.join(host.save_folder("diffusion_models"), _safe_name(file_name, "Stage C file name") + ".safetensors")
+
+
+def write_lora(lora: TrainedLora, file_name: str, layout: str) -> str:
+    """Write what was trained; returns the path. A LoRA goes to loras/ in ``layout``; a full fine-tune is a whole
+    Stage C in the release's key layout and the loaded model's dtype, in diffusion_models/ (``layout`` unused)."""
+    full = lora.result.full_state_dict
+    if full is not None:
+        tensors = {k: v.to(lora.base_dtype) if v.is_floating_point() else v for k, v in full.items()}
+        return _save_atomic(tensors, stage_c_path(file_name), dict(_metadata(lora, "full"), scw_tokens=""))
     tensors = lora.result.lora if layout == "official" else lora.result.community
     if tensors is None:
         other = "community" if layout == "official" else "official"
         why = ("learned tokens exist only in the official layout (core's LoraLoader cannot load them)"
                if layout == "community" else "feed-forward LoRAs (include_ff) exist only in the community layout")
         raise TrainingInputError(f"the trained LoRA has no {layout} layout: {why} - save it as {other!r}.")
-    path = lora_path(file_name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=_metadata(lora, layout))
-    os.replace(tmp, path)
-    return path
+    return _save_atomic(tensors, lora_path(file_name), _metadata(lora, layout))
+
+
+def write_snapshot(lora: TrainedLora, prefix: str) -> list[str]:
+    """A periodic save during training (``save_every``): ``<prefix>_step<N>`` in the official layout (the community
+    one for feed-forward LoRAs; a whole Stage C for a full fine-tune) and its training state, to resume from."""
+    name = f"{_safe_name(prefix, 'save_prefix')}_step{lora.result.steps:06d}"
+    layout = "official" if lora.result.lora is not None else "community"
+    written = [write_lora(lora, name, layout), state_path(name)]
+    train_loop.save_state(written[1], lora.result.state)
+    log.info("ComfyUI-StableCascade: step %d saved: %s", lora.result.steps, " and ".join(written))
+    return written
 
 
 class SaveLora:
@@ -359,7 +403,8 @@ class SaveLora:
     DESCRIPTION = ("Writes the trained LoRA to ComfyUI's models/loras/ as <file_name>.safetensors (replacing a file "
                    "of that name): 'official' holds the learned tokens and is read by the pack's LoRA loader (type "
                    "the tokens line it logs into its tokens field); 'community' (lora_prior_unet_ keys) is read by "
-                   "ComfyUI core's LoraLoader too. Also writes the training state to output/scw_training/ to resume.")
+                   "ComfyUI core's LoraLoader too. A full fine-tune is written as a whole Stage C to "
+                   "diffusion_models/ instead. Also writes the training state to output/scw_training/ to resume.")
     RETURN_TYPES = ()
     RETURN_NAMES = ()
     FUNCTION = "save"

@@ -10,7 +10,10 @@
    network must be announced (a toast from the pack's scw.notice events, and the loaders' own text), and the
    report box must stay out of the saved workflow.
 3. node library: searching "cascade" and "stable cascade" must list every node of the pack.
-Screenshots of both go to --shots (default /tmp/f_shots). Exit 0 when every check holds, 1 otherwise, 2 when
+4. training: loads workflows/train_lora.json, picks the demo networks and presses Run: the trainer must report
+   every step to the frontend's progress bar with the loss as the node's progress text, send previews, and the
+   save node must write the LoRA into the models folder; a screenshot is taken while it trains.
+Screenshots go to --shots (default /tmp/f_shots); --checks picks some of first,demo,library,train. Exit 0 when every check holds, 1 otherwise, 2 when
 something it needs is absent (the message says what): the reference ComfyUI ($COMFYUI_REF, default
 ~/comfyui-ref with ComfyUI/ and venv/), chromium ($CHROMIUM or on the PATH) and Playwright for Python (this
 script re-runs itself with ~/.venvs/frontend-check/bin/python when its own python lacks it; no `playwright
@@ -61,7 +64,8 @@ LOAD_JS = """async ([wf, name]) => { await window.app.loadGraphData(wf, true, tr
 PICK_DEMO_JS = """(demo) => { const picked = [];
   for (const n of window.app.graph.nodes) {
     const w = (n.widgets || []).find(w => w.name === 'file_name');
-    if (n.type.startsWith('SCW_') && w) { w.value = demo; w.callback?.(demo); picked.push(n.type); } }
+    const listed = Array.isArray(w?.options?.values) && w.options.values.includes(demo);  // loaders, not savers
+    if (n.type.startsWith('SCW_') && w && listed) { w.value = demo; w.callback?.(demo); picked.push(n.type); } }
   window.app.graph.setDirtyCanvas(true, true); return picked; }"""
 DIALOG_JS = """() => [...document.querySelectorAll('.p-dialog')].map(d => (d.innerText || '').replace(/\\s+/g, ' '))"""
 TOASTS_JS = """() => [...document.querySelectorAll('.p-toast-message')]
@@ -99,9 +103,11 @@ def start_comfyui(port: int) -> tuple[subprocess.Popen, str]:
     os.makedirs(os.path.join(base, "models"))  # empty: the first Run of a new user
     os.makedirs(os.path.join(base, "input"))
     inputs = os.path.join(REPO, "workflows", "inputs")
-    for name in os.listdir(inputs):
+    for name in os.listdir(inputs):  # the example images and the training dataset folder
         if os.path.isfile(os.path.join(inputs, name)):
             shutil.copy(os.path.join(inputs, name), os.path.join(base, "input", name))
+        else:
+            shutil.copytree(os.path.join(inputs, name), os.path.join(base, "input", name))
     os.makedirs(os.path.join(base, "user", "default"))
     with open(os.path.join(base, "user", "default", "comfy.settings.json"), "w", encoding="utf-8") as f:
         json.dump(SETTINGS, f)
@@ -152,6 +158,14 @@ def press_run(page) -> None:
         page.evaluate("() => window.app.queuePrompt(0, 1)")
 
 
+def error_dialog(page, what: str, problems: list[str]) -> bool:
+    """An error dialog on the page: noted in ``problems`` (its first 400 characters); True when there is one."""
+    errors = [d for d in page.evaluate(DIALOG_JS) if "error" in d.lower()]
+    if errors:
+        problems.append(f"{what}: error dialog {errors[0][:400]!r}")
+    return bool(errors)
+
+
 def first_run(page, shots: str) -> list[str]:
     """The shipped text-to-image workflow, Run, with no model files: the dialog names the loaders and folders."""
     problems = []
@@ -200,9 +214,7 @@ def demo_run(page, shots: str) -> list[str]:
             page.screenshot(path=os.path.join(shots, "reconstruction_demo_toast.png"))
         if sum("PSNR" in b for b in boxes) >= 2:
             break
-        errors = [d for d in page.evaluate(DIALOG_JS) if "error" in d.lower()]
-        if errors:
-            problems.append(f"demo run: error dialog {errors[0][:400]!r}")
+        if error_dialog(page, "demo run", problems):
             break
     page.wait_for_timeout(500)
     toasts = sorted(set(toasts) | set(page.evaluate(TOASTS_JS)))
@@ -266,17 +278,73 @@ def library_search(page, shots: str) -> list[str]:
     return problems
 
 
+LISTEN_JS = """async () => { const { api } = await import('/scripts/api.js');
+  const seen = window.__scwSeen = {progress: [], text: [], previews: 0};
+  api.addEventListener('progress', ({detail}) => seen.progress.push([String(detail.node), detail.value, detail.max]));
+  api.addEventListener('progress_text', ({detail}) => seen.text.push(String(detail.text)));
+  for (const ev of ['b_preview', 'b_preview_with_metadata']) api.addEventListener(ev, () => { seen.previews++; });
+  return true; }"""
+NODE_ID_JS = "(type) => String(window.app.graph.nodes.find(n => n.type === type)?.id)"
+
+
+def train_run(page, shots: str, base: str) -> list[str]:
+    """The training workflow as shipped on the demo networks: Run, progress with the loss, previews, the file."""
+    problems = []
+    page.evaluate(LOAD_JS, [workflow("train_lora.json"), "train_lora.json"])
+    page.wait_for_timeout(1000)
+    page.evaluate(PICK_DEMO_JS, DEMO)
+    page.evaluate(LISTEN_JS)
+    trainer = page.evaluate(NODE_ID_JS, "SCW_TrainLora")
+    lora = os.path.join(base, "models", "loras", "scw_wurst.safetensors")
+    press_run(page)
+    shot = os.path.join(shots, "train_progress.png")
+    deadline, seen = time.monotonic() + RUN_TIMEOUT_S, {}
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+        seen = page.evaluate("() => window.__scwSeen")
+        mine = [p for p in seen["progress"] if p[0] == trainer]
+        if mine and 0 < mine[-1][1] < mine[-1][2] and not os.path.exists(shot):
+            page.screenshot(path=shot)  # mid-run: the bar on the trainer, the loss under it
+        if os.path.exists(lora) and mine and mine[-1][1] == mine[-1][2]:
+            break
+        if error_dialog(page, "training run", problems):
+            break
+    page.wait_for_timeout(1500)
+    done = os.path.join(shots, "train_done.png")
+    page.screenshot(path=done)
+    mine = [p for p in seen.get("progress", []) if p[0] == trainer]
+    steps = workflow("train_lora.json")
+    total = next(n["widgets_values"][0] for n in steps["nodes"] if n["type"] == "SCW_TrainLora")
+    losses = [t for t in seen.get("text", []) if "loss" in t]
+    log(f"training run: {len(mine)} progress events on the trainer (last {mine[-1] if mine else None}), "
+        f"{len(losses)} loss texts (last {losses[-1] if losses else None!r}), {seen.get('previews', 0)} previews; "
+        f"LoRA written: {os.path.exists(lora)}\n    screenshots {shot}, {done}")
+    if len({p[1] for p in mine}) < total or not mine or mine[-1][1:] != [total, total]:
+        problems.append(f"training run: the progress bar did not go through all {total} steps: {mine[-5:]}")
+    if not losses or f"step {total}/{total}" not in losses[-1]:
+        problems.append(f"training run: no 'step {total}/{total}  loss ...' text on the trainer: {losses[-2:]}")
+    if not seen.get("previews"):
+        problems.append("training run: no preview image reached the frontend")
+    if not os.path.exists(lora):
+        problems.append(f"training run: the save node did not write {lora}")
+    if not os.path.exists(shot):
+        problems.append("training run: no progress event was seen mid-run")
+    return problems
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shots", default="/tmp/f_shots")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--checks", default="first,demo,library,train", help="comma list of first,demo,library,train")
     args = ap.parse_args()
+    checks = set(args.checks.split(","))
     if not CHROMIUM:
         log("SKIP: no chromium on the PATH (set CHROMIUM)")
         return 2
     os.makedirs(args.shots, exist_ok=True)
     for old in ("first_run_missing_files.png", "reconstruction_demo_toast.png", "reconstruction_scores.png",
-                "library_cascade.png", "library_stable_cascade.png"):
+                "library_cascade.png", "library_stable_cascade.png", "train_progress.png", "train_done.png"):
         if os.path.exists(os.path.join(args.shots, old)):
             os.remove(os.path.join(args.shots, old))
     port = args.port or free_port()
@@ -298,9 +366,10 @@ def main() -> int:
             page.wait_for_function(READY_JS, timeout=180000, polling=500)
             page.wait_for_timeout(1500)
             page.keyboard.press("Escape")
-            problems += first_run(page, args.shots)
-            problems += demo_run(page, args.shots)
-            problems += library_search(page, args.shots)
+            problems += first_run(page, args.shots) if "first" in checks else []
+            problems += demo_run(page, args.shots) if "demo" in checks else []
+            problems += library_search(page, args.shots) if "library" in checks else []
+            problems += train_run(page, args.shots, base) if "train" in checks else []
             problems += [f"page error: {e}" for e in errors if "scw" in e.lower()]
             ctx.close()
     finally:

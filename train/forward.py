@@ -32,8 +32,10 @@ from .errors import TrainingInputError
 
 def merge(weight: torch.Tensor, pair: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``W + scale * up @ down`` merged in float32 (as a host's patch merges it), then cast to ``dtype``."""
-    delta = (pair.lora_up @ pair.lora_down) * pair.scale
-    return (weight.to(device=device, dtype=torch.float32) + delta.view(weight.shape)).to(dtype)
+    # One weight-sized buffer, not three: in place, the same bits as ``W + (up @ down) * scale`` (IEEE addition is
+    # commutative), which the saved file's loader computes. On a CPU each transient this size is RSS for good.
+    delta = (pair.lora_up @ pair.lora_down).mul_(pair.scale).view(weight.shape)
+    return delta.add_(weight.to(device=device, dtype=torch.float32)).to(dtype)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -42,7 +44,8 @@ class _LoraLinear(torch.autograd.Function):
     The forward uses the merged weight, so it computes exactly what the patched network computes once the LoRA
     file is loaded. The backward never forms the full weight gradient (``g^T x``, as large as the weight and as
     costly as the forward GEMM): dL/dup = s g^T (x down^T), dL/ddown = s (g up)^T x, both rank-sized products (what
-    an unmerged LoRA costs). The merged weight is rebuilt in the backward instead of being kept.
+    an unmerged LoRA costs), and the input gradient runs through the base weight and the factors, so the backward
+    makes no merged copy at all.
     """
 
     @staticmethod
@@ -60,20 +63,23 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, g):
         (x, up, down), weight = ctx.saved_tensors, ctx.weight
         start, stop = ctx.rows if ctx.rows is not None else (0, up.shape[0])
-        gx = None
-        if ctx.needs_input_grad[0]:
-            w = merge(weight, ctx.pair, ctx.device, ctx.dtype)[start:stop]
-            gx = g @ w
         g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
         s = ctx.pair.scale
+        gu = g2 @ up[start:stop]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            # Unmerged: g W + s (g up) down equals g times the merged rows up to rounding (only the forward has to
+            # match the saved file bit for bit) and needs no weight-sized merge per layer in the backward.
+            gx = g @ weight[start:stop].to(device=ctx.device, dtype=ctx.dtype)
+            gx.view(-1, gx.shape[-1]).add_((gu @ down).to(gx.dtype), alpha=s)
         d_up = torch.zeros_like(up) if ctx.rows is not None else None
         part = (g2.t() @ (x2 @ down.t())) * s
         if d_up is None:
             d_up = part
         else:
             d_up[start:stop] = part
-        d_down = ((g2 @ up[start:stop]).t() @ x2) * s
+        d_down = (gu.t() @ x2) * s
         gb = g2.sum(0).to(g.dtype) if ctx.bias_grad else None
         return gx, None, d_up, d_down, gb, None, None, None, None
 

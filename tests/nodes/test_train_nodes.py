@@ -247,6 +247,41 @@ def test_trainer_node_trains_under_comfyuis_inference_mode(folders):
     assert downs and any(bool(v.abs().sum() > 0) for v in downs)  # the zero-initialised factors moved
 
 
+def test_save_every_writes_snapshots_that_resume_to_the_uninterrupted_result(nets, cache, folders):
+    full, _, _ = T.TrainLora().train(nets["stage_c"], nets["text_encoder"], cache, **widgets(steps=4, tokens=TOKENS))
+    T.TrainLora().train(nets["stage_c"], nets["text_encoder"], cache,
+                        **widgets(steps=4, tokens=TOKENS, save_every=2, save_prefix="snaps/wurst"))
+    loras = folders / "models" / "loras" / "snaps"
+    assert sorted(os.listdir(loras)) == ["wurst_step000002.safetensors"]  # the last step is the save node's
+    with safe_open(str(loras / "wurst_step000002.safetensors"), framework="pt") as f:
+        assert f.metadata()["scw_steps"] == "2" and f.metadata()["scw_tokens"] == TOKENS
+    resumed, _, steps = T.TrainLora().train(nets["stage_c"], nets["text_encoder"], cache,
+                                            **widgets(steps=4, tokens=TOKENS, resume_state="snaps/wurst_step000002"))
+    assert steps == 4
+    for key, value in full.result.lora.items():
+        assert torch.equal(resumed.result.lora[key], value), key
+
+
+def test_full_finetune_node_saves_a_stage_c_the_loader_reads_back(nets, cache_with_text, folders):
+    from comfyui_stablecascade.nodes.loaders import StageCLoader
+
+    base = {k: v.clone() for k, v in nets["stage_c"].module.state_dict().items()}
+    lora, _, steps = T.TrainLora().train(nets["stage_c"], nets["text_encoder"], cache_with_text,
+                                         **widgets(steps=2, full_finetune=True))
+    assert steps == 2 and lora.result.lora is None and lora.result.full_state_dict is not None
+    assert all(torch.equal(v, base[k]) for k, v in nets["stage_c"].module.state_dict().items())  # base untouched
+    out = T.SaveLora().save(lora, "scw_full", "official", False)  # layout does not apply to a whole model
+    path = folders / "models" / "diffusion_models" / "scw_full.safetensors"
+    assert out["ui"]["text"] == [str(path)]
+    (loaded,) = StageCLoader().load("scw_full.safetensors")
+    with host.using([loaded]):
+        got = {k: v.detach().clone() for k, v in loaded.module.state_dict().items()}
+    want = {k: v.to(lora.base_dtype) for k, v in lora.result.full_state_dict.items()}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(got[k], base[k]) for k in want)  # it is the trained model, not the base
+
+
 # ---- bad inputs -----------------------------------------------------------------------------------------------
 
 
@@ -269,6 +304,12 @@ def test_bad_inputs_give_clear_errors(nets, cache, official, folders, tmp_path):
         with pytest.raises(TrainingInputError, match="is not a plain file name"):
             T.SaveLora().save(lora, name, "official", False)
     assert not os.path.exists(folders / "models" / "escape.safetensors")
+    with pytest.raises(TrainingInputError, match="save_prefix '../snap' is not a plain file name"):
+        T.TrainLora().train(nets["stage_c"], nets["text_encoder"], cache, **widgets(save_every=1,
+                                                                                     save_prefix="../snap"))
+    with pytest.raises(TrainingInputError, match="full_finetune trains every weight already; switch include_ff off"):
+        T.TrainLora().train(nets["stage_c"], nets["text_encoder"], cache, **widgets(full_finetune=True,
+                                                                                     include_ff=True))
 
 
 # ---- ComfyUI core's own LoraLoader reads the community file (COMFYUI_PATH and ComfyUI's Python) ---------------
