@@ -7,8 +7,8 @@ three things the inference path does not do:
 - per-block upcast: ``weights(key)`` returns a weight on the compute device in the training dtype, made from the
   base weight in its file dtype (bf16 files stay bf16 in memory) plus the LoRA delta when the key is a target;
   the copy lives only while its block runs (and again while its block is recomputed);
-- gradient checkpointing: each ResBlock / TimestepBlock / AttnBlock runs under ``torch.utils.checkpoint``, so
-  only block inputs stay alive between forward and backward;
+- gradient checkpointing: every ``CHECKPOINT_BLOCKS`` consecutive blocks run as one ``torch.utils.checkpoint``
+  segment, so only segment inputs stay alive between forward and backward;
 - nothing in place, so gradients flow to the LoRA factors (or, for a full fine-tune, to every weight); a LoRA
   target's layer runs as ``_LoraLinear``: the merged weight forward (exactly what the loaded LoRA file computes),
   a low-rank backward (no full-size weight gradient).
@@ -189,6 +189,13 @@ def _level_change(w: Weights, prefix: str, mod: nn.Module, x: torch.Tensor) -> t
     return _conv1x1(w, f"{prefix}.1.blocks.{j}", _ln_channels(x), conv.bias is not None)
 
 
+# Blocks per checkpointed segment: one ResBlock-TimestepBlock-AttnBlock triple. Checkpointing keeps each segment's
+# input (c x h x w; Stage C never downsamples, so 3.4 MiB a segment for lite at 24x24). One block per segment kept 96
+# such inputs, 324 MiB of the 555 MiB of live tensors a lite step held (diffusers checkpoints that way); a triple keeps
+# a third, recomputes the same amount, and measured 349 MiB in all, as six blocks did (docs/RESULTS_train.md).
+CHECKPOINT_BLOCKS = 3
+
+
 class StageCForward:
     """Runs a Stage C network's forward from ``weights`` (see module docstring); ``net`` gives only structure."""
 
@@ -208,17 +215,25 @@ class StageCForward:
     def _level(self, w: Weights, prefix: str, blocks: nn.ModuleList, x: torch.Tensor, r_embed: torch.Tensor,
                clip: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         for k, blk in enumerate(blocks):
-            p = f"{prefix}.{k}"
-            if isinstance(blk, ResBlock):
-                s = skip if k == 0 else None
-                x = self._block(lambda a, b, p=p, blk=blk: res_block(w, p, blk, a, b), x, s)
-            elif isinstance(blk, TimestepBlock):
-                x = self._block(lambda a, t, p=p, blk=blk: timestep_block(w, p, blk, a, t), x, r_embed)
-            elif isinstance(blk, AttnBlock):
-                x = self._block(lambda a, c, p=p, blk=blk: attn_block(w, p, blk, a, c), x, clip)
-            else:
-                raise TrainingInputError(f"Stage C block {p} is a {type(blk).__name__}; the trainer knows ResBlock, "
-                                         "TimestepBlock and AttnBlock (the released level_config 'CTA').")
+            if not isinstance(blk, (ResBlock, TimestepBlock, AttnBlock)):
+                raise TrainingInputError(f"Stage C block {prefix}.{k} is a {type(blk).__name__}; the trainer knows "
+                                         "ResBlock, TimestepBlock and AttnBlock (the released level_config 'CTA').")
+
+        def segment(start: int, stop: int) -> Callable[..., torch.Tensor]:
+            def run(h: torch.Tensor, s: torch.Tensor | None, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                for k in range(start, stop):
+                    blk, p = blocks[k], f"{prefix}.{k}"
+                    if isinstance(blk, ResBlock):
+                        h = res_block(w, p, blk, h, s if k == 0 else None)
+                    elif isinstance(blk, TimestepBlock):
+                        h = timestep_block(w, p, blk, h, t)
+                    else:
+                        h = attn_block(w, p, blk, h, c)
+                return h
+            return run
+
+        for start in range(0, len(blocks), CHECKPOINT_BLOCKS):
+            x = self._block(segment(start, min(start + CHECKPOINT_BLOCKS, len(blocks))), x, skip, r_embed, clip)
         return x
 
     def __call__(self, w: Weights, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor,

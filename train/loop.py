@@ -201,8 +201,8 @@ def _train(stage_c: Any, text_encoder: Any, cache: TrainingCache, settings: Trai
     dtype = training_dtype(settings.dtype, device)
     shape = (settings.batch_size, 16) + tuple(cache.samples[0].latent.shape[1:])
     # A training step's live memory over the inference estimate of one call, measured on Stage C lite at 24x24 with
-    # the live-tensor bench (docs/RESULTS_train.md): 555 MiB / 99 with checkpointing, 2039 / 99 without.
-    memory = estimate_stage_c_memory(net.config, shape, dtype, False) * (6 if settings.grad_checkpointing else 21)
+    # the live-tensor bench (docs/RESULTS_train.md): 349 MiB / 99 with checkpointing, 2039 / 99 without.
+    memory = estimate_stage_c_memory(net.config, shape, dtype, False) * (4 if settings.grad_checkpointing else 21)
     # The text encoder runs only for learned tokens or captions the cache lacks (a preview reads it too then).
     needs_text = bool(entries) or not cache.has_text
     te_handles = [text_encoder] if needs_text and isinstance(text_encoder, host.ModelHandle) else []
