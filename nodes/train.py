@@ -24,6 +24,7 @@ from ..train import cache as train_cache
 from ..train import data as train_data
 from ..train import distributed as train_distributed
 from ..train import loop as train_loop
+from ..train import state as train_state
 from ..train.settings import DTYPES, TRAIN_SETTING_RANGES
 from .common import category, mappings, require
 from .kinds import FIX
@@ -351,24 +352,10 @@ def _metadata(lora: TrainedLora, layout: str) -> dict[str, str]:
             "scw_settings": json.dumps({k: getattr(s, k) for k in s.__dataclass_fields__}, default=str)}
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
-    """Written beside the target and renamed, so a failed write never leaves half a file under the real name."""
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def stage_c_path(file_name: str) -> str:
     """Where a full fine-tune goes: ComfyUI's diffusion_models/ (unet/) folder, which the Stage C loader lists."""
-    return os.path.join(host.save_folder("diffusion_models"), _safe_name(file_name, "Stage C file name") + ".safetensors")
+    name = _safe_name(file_name, "Stage C file name")
+    return os.path.join(host.save_folder("diffusion_models"), name + ".safetensors")
 
 
 def write_lora(lora: TrainedLora, file_name: str, layout: str) -> str:
@@ -377,14 +364,14 @@ def write_lora(lora: TrainedLora, file_name: str, layout: str) -> str:
     full = lora.result.full_state_dict
     if full is not None:
         tensors = {k: v.to(lora.base_dtype) if v.is_floating_point() else v for k, v in full.items()}
-        return _save_atomic(tensors, stage_c_path(file_name), dict(_metadata(lora, "full"), scw_tokens=""))
+        return train_state.save_atomic(tensors, stage_c_path(file_name), dict(_metadata(lora, "full"), scw_tokens=""))
     tensors = lora.result.lora if layout == "official" else lora.result.community
     if tensors is None:
         other = "community" if layout == "official" else "official"
         why = ("learned tokens exist only in the official layout (core's LoraLoader cannot load them)"
                if layout == "community" else "feed-forward LoRAs (include_ff) exist only in the community layout")
         raise TrainingInputError(f"the trained LoRA has no {layout} layout: {why} - save it as {other!r}.")
-    return _save_atomic(tensors, lora_path(file_name), _metadata(lora, layout))
+    return train_state.save_atomic(tensors, lora_path(file_name), _metadata(lora, layout))
 
 
 def write_snapshot(lora: TrainedLora, prefix: str) -> list[str]:

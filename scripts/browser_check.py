@@ -13,12 +13,12 @@
 4. training: loads workflows/train_lora.json, picks the demo networks and presses Run: the trainer must report
    every step to the frontend's progress bar with the loss as the node's progress text, send previews, and the
    save node must write the LoRA into the models folder; a screenshot is taken while it trains.
-Screenshots go to --shots (default /tmp/f_shots); --checks picks some of first,demo,library,train. Exit 0 when every check holds, 1 otherwise, 2 when
-something it needs is absent (the message says what): the reference ComfyUI ($COMFYUI_REF, default
-~/comfyui-ref with ComfyUI/ and venv/), chromium ($CHROMIUM or on the PATH) and Playwright for Python (this
-script re-runs itself with ~/.venvs/frontend-check/bin/python when its own python lacks it; no `playwright
-install` is needed). Every request that is not to 127.0.0.1 is aborted. Only one browser check should run at a
-time on a shared machine: `flock /tmp/scw-browser.lock python scripts/browser_check.py`.
+Screenshots go to --shots (default /tmp/f_shots); --checks picks some of first,demo,library,train.
+Exit 0 when every check holds, 1 otherwise, 2 when something it needs is absent (the message says what): the
+reference ComfyUI ($COMFYUI_REF, default ~/comfyui-ref with ComfyUI/ and venv/), chromium ($CHROMIUM or on the
+PATH) and Playwright for Python (this script re-runs itself with ~/.venvs/frontend-check/bin/python when its own
+python lacks it; no `playwright install` is needed). Every request that is not to 127.0.0.1 is aborted. Only one
+browser check should run at a time on a shared machine: `flock /tmp/scw-browser.lock python scripts/browser_check.py`.
 """
 
 from __future__ import annotations
@@ -290,7 +290,9 @@ NODE_ID_JS = "(type) => String(window.app.graph.nodes.find(n => n.type === type)
 def train_run(page, shots: str, base: str) -> list[str]:
     """The training workflow as shipped on the demo networks: Run, progress with the loss, previews, the file."""
     problems = []
-    page.evaluate(LOAD_JS, [workflow("train_lora.json"), "train_lora.json"])
+    wf = workflow("train_lora.json")
+    total = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SCW_TrainLora")  # steps, its 1st widget
+    page.evaluate(LOAD_JS, [wf, "train_lora.json"])
     page.wait_for_timeout(1000)
     page.evaluate(PICK_DEMO_JS, DEMO)
     page.evaluate(LISTEN_JS)
@@ -313,8 +315,6 @@ def train_run(page, shots: str, base: str) -> list[str]:
     done = os.path.join(shots, "train_done.png")
     page.screenshot(path=done)
     mine = [p for p in seen.get("progress", []) if p[0] == trainer]
-    steps = workflow("train_lora.json")
-    total = next(n["widgets_values"][0] for n in steps["nodes"] if n["type"] == "SCW_TrainLora")
     losses = [t for t in seen.get("text", []) if "loss" in t]
     log(f"training run: {len(mine)} progress events on the trainer (last {mine[-1] if mine else None}), "
         f"{len(losses)} loss texts (last {losses[-1] if losses else None!r}), {seen.get('previews', 0)} previews; "

@@ -25,6 +25,7 @@ from ..pipeline.conditioning import encode_prompt
 from ..pipeline.images import effnet_encode, encode_clip_images
 from .data import Dataset, load_pixels
 from .errors import TrainingInputError
+from .state import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,6 @@ def build_cache(dataset: Dataset, effnet: Any, text_encoder: Any = None, clip_vi
 
 
 def write_cache(path: str, cache: TrainingCache) -> None:
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     # Copies: samples with the same caption share their text tensors, which safetensors refuses to write twice.
     for i, s in enumerate(cache.samples):
@@ -198,10 +197,7 @@ def write_cache(path: str, cache: TrainingCache) -> None:
         tensors["empty.clip_text"], tensors["empty.clip_pooled"] = (t.clone().contiguous() for t in cache.empty_text)
     meta = {"format": _FORMAT, "captions": json.dumps([s.caption for s in cache.samples]),
             "repeats": json.dumps(cache.repeats), "key": cache.key}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_atomic(tensors, path, meta)
 
 
 def read_cache(path: str) -> TrainingCache:

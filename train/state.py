@@ -59,18 +59,27 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_state(path: str, state: dict[str, Any]) -> str:
-    """Write a state (``TrainResult.state``) to ``path`` (a .safetensors file); returns the path."""
+def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
+    """Write a safetensors file beside ``path`` and rename it into place, so a failed write never leaves half a file
+    under the real name (a LoRA, a state, a cache); returns the path."""
     from safetensors.torch import save_file
 
-    if not is_state(state):
-        raise TrainingInputError("save_state got something that is not a training state; pass TrainResult.state.")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata={_META_KEY: json.dumps(state["meta"])})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def save_state(path: str, state: dict[str, Any]) -> str:
+    """Write a state (``TrainResult.state``) to ``path`` (a .safetensors file); returns the path."""
+    if not is_state(state):
+        raise TrainingInputError("save_state got something that is not a training state; pass TrainResult.state.")
+    return save_atomic(state["tensors"], path, {_META_KEY: json.dumps(state["meta"])})
 
 
 def load_state(path: str) -> dict[str, Any]:
