@@ -2,6 +2,8 @@
 
 Run (heavy: each worker holds ~4-5 GB; about 10-15 minutes on 2 cores):
     flock /tmp/scw-heavy.lock nice -n 10 .venv/bin/python bench/bench_train.py [--rounds 2] [--steps 3]
+Profile one side (the steps after the warm-up, top 30 ops by self CPU time with their input shapes):
+    .venv/bin/python bench/bench_train.py --worker pack --ckpt 1 --steps 2 --profile 30
 
 What is compared. Both sides train a rank-4 LoRA on the same seeded random Stage C lite weights at the release's
 shapes (``cascade.random_init.randomize_``, written once to ``--workdir`` as a safetensors file), batch 1 at
@@ -97,6 +99,17 @@ def inputs(cfg: Any, size: str) -> dict[str, torch.Tensor]:
                 clip_pooled=torch.randn(1, cfg.c_clip_text_pooled, generator=g))
 
 
+# ``--profile``: a torch.profiler run from the end of the warm-up step to the end of the worker (its table goes to
+# stderr); the timing rows of a profiled run are not comparable.
+PROFILER: Any = None
+
+
+def _step_done() -> None:
+    if PROFILER is not None and not getattr(PROFILER, "scw_started", False):
+        PROFILER.scw_started = True
+        PROFILER.start()
+
+
 def _reset_peak() -> int:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -154,6 +167,7 @@ def diffusers_steps(workdir: str, size: str, steps: int, ckpt: bool) -> dict[str
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        _step_done()
         cpu.append(time.process_time() - c0)
         losses.append(float(loss))
     return dict(times=times, cpu=cpu, base_kib=base_kib, hwm_kib=status_kib("VmHWM"), losses=losses,
@@ -184,6 +198,7 @@ def pack_steps(workdir: str, size: str, steps: int, ckpt: bool, dtype: str) -> d
 
     def on_step(step: int, loss: float, preview: Any) -> None:
         marks.append((time.perf_counter(), time.process_time()))
+        _step_done()
         losses.append(float(loss))
 
     base_kib = _reset_peak()
@@ -204,10 +219,20 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     impl, ckpt = args.worker, bool(args.ckpt)
+    global PROFILER
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        PROFILER = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
     if impl == "diffusers":
         r = diffusers_steps(args.workdir, args.size, args.steps, ckpt)
     else:
         r = pack_steps(args.workdir, args.size, args.steps, ckpt, "bf16" if impl == "pack_bf16" else "fp32")
+    if PROFILER is not None and getattr(PROFILER, "scw_started", False):
+        PROFILER.stop()
+        table = PROFILER.key_averages(group_by_input_shape=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.profile, max_name_column_width=32,
+                          max_shapes_column_width=72), file=sys.stderr)
     return dict(r, impl=impl, ckpt=ckpt)
 
 
@@ -263,6 +288,9 @@ def main() -> None:
     parser.add_argument("--worker", choices=IMPLS)
     parser.add_argument("--ckpt", type=int, default=0)
     parser.add_argument("--prepare", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="with --worker: profile the steps after the first, print the top ROWS ops by self CPU "
+                             "time and input shapes to stderr (what found the LoRA merge's cost)")
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="bytes; e.g. 1048576: workers' RSS tracks live tensors (fixed glibc mmap threshold)")
     args = parser.parse_args()

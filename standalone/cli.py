@@ -19,6 +19,10 @@ adds the traceback at debug level:
 - 1: something the pack did not expect failed (an exception that is not one of its checks: a bug, out of
   memory, a broken install), named by node id and title; run again with ``-v`` for the traceback.
 - 130: sampling was interrupted (Ctrl-C, or the ``SCW_INTERRUPT`` flag file).
+
+Under ``torchrun`` every rank runs the whole workflow (the trainer joins the ranks' process group); rank 0 alone
+writes the images: the other ranks' go to a temporary folder that is removed when they finish (the pack's own save
+nodes write on rank 0 only anyway).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from .. import host
 from ..cascade.errors import CascadeError
@@ -85,6 +91,10 @@ def main(argv: list[str] | None = None, comfyui: str | None = None) -> int:
     if not args.models and not os.environ.get("SCW_MODELS_DIR"):
         log.warning("ComfyUI-StableCascade: no models folder given (--models DIR or env SCW_MODELS_DIR), so every "
                     "loader runs its tiny random demo network.")
+    worker_dir = _worker_output_dir()
+    if worker_dir is not None:
+        args.out = os.path.join(worker_dir, os.path.basename(args.out)) if args.out else None
+        args.output_dir = worker_dir
     try:
         paths = run_workflow(args.workflow, out=args.out, output_dir=args.output_dir, seed=args.seed,
                              models=args.models, input_dir=args.input_dir, comfyui=args.comfyui)
@@ -106,6 +116,22 @@ def main(argv: list[str] | None = None, comfyui: str | None = None) -> int:
                   "traceback (and report it)", type(exc).__name__, exc)
         log.debug("ComfyUI-StableCascade: traceback", exc_info=True)
         return EXIT_UNEXPECTED
-    if not paths:
+    finally:
+        if worker_dir is not None:
+            shutil.rmtree(worker_dir, ignore_errors=True)
+    if not paths and worker_dir is None:  # a worker rank's images were temporary
         log.warning("ComfyUI-StableCascade: the workflow ran but saved no image")
     return EXIT_OK
+
+
+def _worker_output_dir() -> str | None:
+    """A temporary output folder on a torchrun rank other than 0 (None everywhere else): core SaveImage / PreviewImage
+    would otherwise write every image once per rank."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    if world <= 1 or rank == 0:
+        return None
+    log.info("ComfyUI-StableCascade: torchrun rank %d of %d: rank 0 writes the images.", rank, world)
+    return tempfile.mkdtemp(prefix=f"scw_rank{rank}_")

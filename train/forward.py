@@ -33,62 +33,79 @@ from .errors import TrainingInputError
 def merge(weight: torch.Tensor, pair: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``W + scale * up @ down`` merged in float32 (as a host's patch merges it), then cast to ``dtype``."""
     # One weight-sized buffer, not three: in place, the same bits as ``W + (up @ down) * scale`` (IEEE addition is
-    # commutative), which the saved file's loader computes. On a CPU each transient this size is RSS for good.
+    # commutative), which the saved file's loader computes; a bf16 W is upcast inside the add (exact), not copied.
     delta = (pair.lora_up @ pair.lora_down).mul_(pair.scale).view(weight.shape)
-    return delta.add_(weight.to(device=device, dtype=torch.float32)).to(dtype)
+    return delta.add_(weight.to(device=device)).to(dtype)
+
+
+class _Layer:
+    """What ``_LoraLinear`` needs besides tensors: the frozen base weight, its pair and the row slices.
+
+    The base weight is a plain attribute, not a saved tensor: inside ComfyUI it is an inference tensor (loaded under
+    torch.inference_mode), which save_for_backward refuses."""
+
+    def __init__(self, weight: torch.Tensor, pair: Any, rows: list[tuple[int, int]], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.weight, self.pair, self.rows, self.device, self.dtype = weight, pair, rows, device, dtype
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``F.linear(x, merged[rows], bias)`` whose backward goes through the low-rank factors.
+    """``F.linear(x_i, merged[rows_i], bias[rows_i])`` for inputs sharing one weight, with a low-rank backward.
 
     The forward uses the merged weight, so it computes exactly what the patched network computes once the LoRA
-    file is loaded. The backward never forms the full weight gradient (``g^T x``, as large as the weight and as
-    costly as the forward GEMM): dL/dup = s g^T (x down^T), dL/ddown = s (g up)^T x, both rank-sized products (what
-    an unmerged LoRA costs), and the input gradient runs through the base weight and the factors, so the backward
-    makes no merged copy at all.
+    file is loaded. The weight is merged once for all its row slices (an attention's q rows and k|v rows): merging
+    the 3c x c in_proj twice per attention was a sixth of a Stage C lite step on a CPU (48 ms a merge inside the
+    step, most of it page faults of the new weight-sized buffer).
+
+    The backward never forms the full weight gradient (``g^T x``, as large as the weight and as costly as the
+    forward GEMM): dL/dup = s g^T (x down^T), dL/ddown = s (g up)^T x, both rank-sized products (what an unmerged
+    LoRA costs), and the input gradient runs through the base weight and the factors, so the backward makes no
+    merged copy at all.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, up, down, bias, pair, rows, device, dtype):  # noqa: D401 - autograd signature
-        w = merge(weight, pair, device, dtype)
-        ctx.save_for_backward(x, up, down)
-        # The frozen base weight needs no grad and is kept as a plain attribute: inside ComfyUI it is an inference
-        # tensor (loaded under torch.inference_mode), which save_for_backward refuses.
-        ctx.weight = weight
-        ctx.pair, ctx.rows, ctx.device, ctx.dtype = pair, rows, device, dtype
-        ctx.bias_grad = bias is not None and bias.requires_grad
-        return F.linear(x, w if rows is None else w[rows[0]:rows[1]], bias)
+    def forward(ctx, up, down, bias, layer, *xs):  # noqa: D401 - autograd signature
+        w = merge(layer.weight, layer.pair, layer.device, layer.dtype)
+        ctx.save_for_backward(up, down, *xs)
+        ctx.layer = layer
+        return tuple(F.linear(x, w[a:b], None if bias is None else bias[a:b]) for x, (a, b) in zip(xs, layer.rows))
 
     @staticmethod
-    def backward(ctx, g):
-        (x, up, down), weight = ctx.saved_tensors, ctx.weight
-        start, stop = ctx.rows if ctx.rows is not None else (0, up.shape[0])
-        g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        s = ctx.pair.scale
-        gu = g2 @ up[start:stop]
-        gx = None
-        if ctx.needs_input_grad[0]:
-            # Unmerged: g W + s (g up) down equals g times the merged rows up to rounding (only the forward has to
-            # match the saved file bit for bit) and needs no weight-sized merge per layer in the backward.
-            gx = g @ weight[start:stop].to(device=ctx.device, dtype=ctx.dtype)
-            gx.view(-1, gx.shape[-1]).add_((gu @ down).to(gx.dtype), alpha=s)
-        d_up = torch.zeros_like(up) if ctx.rows is not None else None
-        part = (g2.t() @ (x2 @ down.t())) * s
-        if d_up is None:
-            d_up = part
-        else:
-            d_up[start:stop] = part
-        d_down = (gu.t() @ x2) * s
-        gb = g2.sum(0).to(g.dtype) if ctx.bias_grad else None
-        return gx, None, d_up, d_down, gb, None, None, None, None
+    def backward(ctx, *gs):
+        (up, down, *xs), layer = ctx.saved_tensors, ctx.layer
+        s, split = layer.pair.scale, len(layer.rows) > 1 or layer.rows[0] != (0, up.shape[0])
+        d_up = torch.zeros_like(up) if split else None
+        d_down = torch.zeros_like(down)
+        gb = torch.zeros(up.shape[0], dtype=gs[0].dtype, device=gs[0].device) if ctx.needs_input_grad[2] else None
+        gxs = []
+        for x, g, (start, stop), need in zip(xs, gs, layer.rows, ctx.needs_input_grad[4:]):
+            g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            gu = g2 @ up[start:stop]
+            gx = None
+            if need:
+                # Unmerged: g W + s (g up) down equals g times the merged rows up to rounding (only the forward has
+                # to match the saved file bit for bit) and needs no weight-sized merge in the backward.
+                gx = g @ layer.weight[start:stop].to(device=layer.device, dtype=layer.dtype)
+                gx.view(-1, gx.shape[-1]).add_((gu @ down).to(gx.dtype), alpha=s)
+            gxs.append(gx)
+            part = (g2.t() @ (x2 @ down.t())) * s
+            if d_up is None:
+                d_up = part
+            else:
+                d_up[start:stop] += part
+            d_down += (gu.t() @ x2) * s
+            if gb is not None:
+                gb[start:stop] += g2.sum(0).to(gb.dtype)
+        return (d_up, d_down, gb, None, *gxs)
 
 
 class Weights:
     """The weights a forward computes with, by state-dict key (see module docstring).
 
     ``w(key)``: ``params[key]`` on ``device`` in ``dtype`` (a LoRA target merged, differentiable in the factors);
-    ``w.linear(key, x, bias_key, rows)``: the layer itself, through ``_LoraLinear`` for a LoRA target.
+    ``w.linear(key, x, bias_key)``: the layer itself, through ``_LoraLinear`` for a LoRA target;
+    ``w.split_linear(key, bias_key, [(x, rows), ...])``: row slices of one weight applied to several inputs.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
@@ -104,17 +121,22 @@ class Weights:
             return t.clone() if torch.is_inference(t) else t
         return merge(self.params[key], pair, self.device, self.dtype)
 
-    def linear(self, key: str, x: torch.Tensor, bias_key: str | None = None,
-               rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def linear(self, key: str, x: torch.Tensor, bias_key: str | None = None) -> torch.Tensor:
+        return self.split_linear(key, bias_key, [(x, None)])[0]
+
+    def split_linear(self, key: str, bias_key: str | None,
+                     parts: list[tuple[torch.Tensor, tuple[int, int] | None]]) -> list[torch.Tensor]:
+        """``F.linear(x, W[a:b], bias[a:b])`` for each ``(x, (a, b))`` (``None``: all rows), W merged once."""
         bias = self(bias_key) if bias_key is not None else None
-        if bias is not None and rows is not None:
-            bias = bias[rows[0]:rows[1]]
         pair = self.pairs.get(key)
         if pair is None:
             w = self(key)
-            return F.linear(x, w if rows is None else w[rows[0]:rows[1]], bias)
-        return _LoraLinear.apply(x, self.params[key], pair.lora_up, pair.lora_down, bias, pair, rows, self.device,
-                                 self.dtype)
+            return [F.linear(x, w, bias) if r is None else
+                    F.linear(x, w[r[0]:r[1]], None if bias is None else bias[r[0]:r[1]]) for x, r in parts]
+        weight = self.params[key]
+        rows = [r if r is not None else (0, weight.shape[0]) for _, r in parts]
+        layer = _Layer(weight, pair, rows, self.device, self.dtype)
+        return list(_LoraLinear.apply(pair.lora_up, pair.lora_down, bias, layer, *(x for x, _ in parts)))
 
 
 def weight_source(params: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
@@ -169,8 +191,8 @@ def attn_block(w: Weights, p: str, blk: AttnBlock, x: torch.Tensor, clip: torch.
         kv = torch.cat([q_in, kv], dim=1)
     attn = blk.attention.attn
     key, bias = f"{p}.attention.attn.in_proj_weight", f"{p}.attention.attn.in_proj_bias"
-    q = w.linear(key, q_in, bias, rows=(0, c))
-    k, v = w.linear(key, kv, bias, rows=(c, 3 * c)).chunk(2, dim=-1)
+    q, kv = w.split_linear(key, bias, [(q_in, (0, c)), (kv, (c, 3 * c))])
+    k, v = kv.chunk(2, dim=-1)
     heads, d = attn.nhead, c // attn.nhead
     q = q.view(bsz, -1, heads, d).transpose(1, 2)
     k = k.reshape(bsz, -1, heads, d).transpose(1, 2)
@@ -207,13 +229,13 @@ class StageCForward:
         self.net, self.config = net, cfg
         self.grad_checkpointing = bool(grad_checkpointing)
 
-    def _block(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
+    def _block(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor | None, keep: bool = False) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not keep:
             return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
         return fn(*args)
 
     def _level(self, w: Weights, prefix: str, blocks: nn.ModuleList, x: torch.Tensor, r_embed: torch.Tensor,
-               clip: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+               clip: torch.Tensor, skip: torch.Tensor | None, last: bool = False) -> torch.Tensor:
         for k, blk in enumerate(blocks):
             if not isinstance(blk, (ResBlock, TimestepBlock, AttnBlock)):
                 raise TrainingInputError(f"Stage C block {prefix}.{k} is a {type(blk).__name__}; the trainer knows "
@@ -233,7 +255,11 @@ class StageCForward:
             return run
 
         for start in range(0, len(blocks), CHECKPOINT_BLOCKS):
-            x = self._block(segment(start, min(start + CHECKPOINT_BLOCKS, len(blocks))), x, skip, r_embed, clip)
+            stop = min(start + CHECKPOINT_BLOCKS, len(blocks))
+            # The network's last segment is not checkpointed: the backward would recompute it first thing, while
+            # every segment input is still held, so keeping its activations costs no peak memory and saves a
+            # segment's recompute.
+            x = self._block(segment(start, stop), x, skip, r_embed, clip, keep=last and stop == len(blocks))
         return x
 
     def __call__(self, w: Weights, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor,
@@ -265,7 +291,8 @@ class StageCForward:
         for u, (blocks, up, repmap) in enumerate(zip(net.up_blocks, net.up_upscalers, net.up_repeat_mappers)):
             skip = level_outputs[u] if u > 0 else None
             for n in range(len(repmap) + 1):
-                h = self._level(w, f"up_blocks.{u}", blocks, h, r_embed, clip, skip)
+                h = self._level(w, f"up_blocks.{u}", blocks, h, r_embed, clip, skip,
+                                last=u == len(net.up_blocks) - 1 and n == len(repmap))
                 if n < len(repmap):
                     h = _conv1x1(w, f"up_repeat_mappers.{u}.{n}", h, repmap[n].bias is not None)
             h = _level_change(w, f"up_upscalers.{u}", up, h)

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -229,3 +230,20 @@ def test_the_command_prints_no_traceback_for_a_damaged_file(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and str(path) in result.stderr
     assert "node 1: 'type' is missing" in result.stderr and "links[0] (link 1): 2 entries" in result.stderr
+
+
+def test_a_torchrun_worker_rank_saves_no_images(tmp_path, monkeypatch):
+    """Under torchrun every rank runs the workflow; only rank 0's SaveImage writes (no process group is joined
+    here: only the trainer joins one)."""
+    path = tmp_path / "t2i.json"
+    path.write_text(json.dumps(_fast(_load())), encoding="utf-8")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    before = set(os.listdir(tempfile.gettempdir()))
+    assert cli.main([str(path), "--out", str(tmp_path / "x.png")]) == 0
+    assert cli.main([str(path), "--output-dir", str(tmp_path / "out1")]) == 0
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out1").exists()
+    assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("scw_rank1_")]
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main([str(path), "--output-dir", str(tmp_path / "out0")]) == 0
+    assert list((tmp_path / "out0").glob("*.png"))

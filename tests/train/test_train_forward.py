@@ -73,7 +73,8 @@ def test_the_low_rank_backward_equals_autograd_through_the_merged_weight():
     x = torch.randn(2, 5, weight.shape[1], generator=g, requires_grad=True)
     c = weight.shape[1]
     w = weight_source(dict(net.named_parameters()), CPU, torch.float32, lora.deltas())
-    out = w.linear(key, x, None, rows=(0, c)).square().sum() + w.linear(key, x, None, rows=(c, 3 * c)).sum()
+    q, kv = w.split_linear(key, None, [(x, (0, c)), (x, (c, 3 * c))])
+    out = q.square().sum() + kv.sum()
     out.backward()
     fast = [t.grad.clone() for t in (x, pair.lora_up, pair.lora_down)]
     for t in (x, pair.lora_up, pair.lora_down):
