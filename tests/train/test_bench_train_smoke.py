@@ -59,6 +59,15 @@ def test_bench_train_sides_on_a_tiny_stage_c(tmp_path):
     assert all(" 1.00 " in ln for ln in lines[2:] if ln.startswith("| diffusers"))
 
 
+def test_bench_train_report_has_no_ratio_for_a_reference_that_did_not_grow():
+    # On a tiny network the RSS high-water mark can stay where it was reset: the report says "-" rather than divide.
+    row = dict(lora_pairs=2, trainable=8, best_s=2.0, best_cpu_s=1.0, growth_mib=0.0, peak_mib=10.0,
+               best_per_round=[2.0])
+    lines = bench.report({("diffusers", True): row, ("pack", True): dict(row, best_s=1.0, growth_mib=3.0)})
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[5] == "0.50" and cells[9] == "-", cells
+
+
 def test_bench_train_profile_mode_prints_the_steps_after_the_warm_up(tmp_path, capsys):
     import argparse
 
